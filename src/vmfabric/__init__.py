@@ -1,0 +1,1 @@
+"""vmfabric: the network control plane of a KVM/libvirt cloud."""

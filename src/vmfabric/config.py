@@ -1,0 +1,43 @@
+"""Where vmfabric keeps its state and how its parts find each other.
+
+Every process (controller, CLI, lease hook, lab) reads the same environment variables, so a
+test or an operator moves a whole installation by setting `VMFABRIC_STATE` once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8750"
+DEFAULT_STATE = "/var/lib/vmfabric"
+DEFAULT_ZONE = "vmfabric.test"
+
+
+def state_dir() -> Path:
+    """The directory holding the database, dnsmasq files, sockets and the lab's record."""
+    return Path(os.environ.get("VMFABRIC_STATE", DEFAULT_STATE))
+
+
+def api_url() -> str:
+    """The controller the CLI talks to."""
+    return os.environ.get("VMFABRIC_URL", DEFAULT_URL).rstrip("/")
+
+
+def api_token() -> str | None:
+    """Bearer token sent by the CLI, when the operator set one."""
+    return os.environ.get("VMFABRIC_TOKEN") or None
+
+
+def default_db_url() -> str:
+    """SQLite in the state directory unless the operator names another database."""
+    return os.environ.get("VMFABRIC_DB", f"sqlite:///{state_dir() / 'vmfabric.db'}")
+
+
+def lease_socket() -> Path:
+    """Unix datagram socket on which the controller hears dnsmasq lease events.
+
+    A unix socket, not TCP, because dnsmasq (and so its lease script) may run inside a network
+    namespace where the controller's loopback address does not exist.
+    """
+    return state_dir() / "run" / "lease-events.sock"
