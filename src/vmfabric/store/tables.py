@@ -1,0 +1,169 @@
+"""The controller's state as SQLAlchemy 2 tables.
+
+Every schema change goes through an Alembic migration in `store/migrations`; these classes
+must always describe the schema the newest migration produces.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """Timestamps are stored in UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table; every timestamp keeps its time zone."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
+
+
+class Host(Base):
+    """A hypervisor host and how its agent reaches the hypervisor."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    driver: Mapped[str] = mapped_column(String(32))
+    uri: Mapped[str | None] = mapped_column(String(255))
+    bridge: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Network(Base):
+    """A layer-2 network (one VLAN) with one or more subnets."""
+
+    __tablename__ = "networks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    vlan: Mapped[int] = mapped_column(Integer, unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    subnets: Mapped[list[Subnet]] = relationship(
+        back_populates="network", order_by="Subnet.id", cascade="all, delete-orphan"
+    )
+
+
+class Subnet(Base):
+    """An IPv4 or IPv6 subnet of a network; `used` counts the addresses given to NICs."""
+
+    __tablename__ = "subnets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="CASCADE"))
+    cidr: Mapped[str] = mapped_column(String(64), unique=True)
+    version: Mapped[int] = mapped_column(Integer)
+    gateway: Mapped[str | None] = mapped_column(String(64))
+    dhcp_server: Mapped[str | None] = mapped_column(String(64))
+    ipv6_mode: Mapped[str | None] = mapped_column(String(16))
+    capacity: Mapped[str] = mapped_column(String(40))
+    used: Mapped[int] = mapped_column(Integer, default=0)
+    network: Mapped[Network] = relationship(back_populates="subnets")
+    reserved: Mapped[list[ReservedRange]] = relationship(
+        order_by="ReservedRange.first_key", cascade="all, delete-orphan"
+    )
+
+
+class ReservedRange(Base):
+    """Addresses of a subnet the operator keeps out of VM allocation."""
+
+    __tablename__ = "reserved_ranges"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"))
+    first_key: Mapped[str] = mapped_column(String(32))
+    last_key: Mapped[str] = mapped_column(String(32))
+
+
+class FreeRange(Base):
+    """A run of free addresses of a subnet (see `domain.ipam`)."""
+
+    __tablename__ = "free_ranges"
+    __table_args__ = (UniqueConstraint("subnet_id", "first_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"))
+    first_key: Mapped[str] = mapped_column(String(32))
+    last_key: Mapped[str] = mapped_column(String(32))
+
+
+class Vm(Base):
+    """A VM; `owner` and `claim_expires` mark a create in progress and who runs it."""
+
+    __tablename__ = "vms"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))
+    image: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str | None] = mapped_column(String(128))
+    claim_expires: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    host: Mapped[Host] = relationship()
+    nics: Mapped[list[Nic]] = relationship(
+        back_populates="vm", order_by="Nic.position", cascade="all, delete-orphan"
+    )
+
+
+class Nic(Base):
+    """A VM's NIC on one network; the MAC is known once the hypervisor defined the VM."""
+
+    __tablename__ = "nics"
+    __table_args__ = (UniqueConstraint("vm_id", "position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    network_id: Mapped[int] = mapped_column(ForeignKey("networks.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str | None] = mapped_column(String(17), unique=True)
+    vm: Mapped[Vm] = relationship(back_populates="nics")
+    network: Mapped[Network] = relationship()
+    addresses: Mapped[list[Allocation]] = relationship(
+        back_populates="nic", order_by="Allocation.version", cascade="all, delete-orphan"
+    )
+
+
+class Allocation(Base):
+    """An address given to a NIC. The unique key is the last guard against double use."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        UniqueConstraint("subnet_id", "address_key"),
+        UniqueConstraint("nic_id", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id"))
+    nic_id: Mapped[int] = mapped_column(ForeignKey("nics.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str] = mapped_column(String(64))
+    address_key: Mapped[str] = mapped_column(String(32))
+    nic: Mapped[Nic] = relationship(back_populates="addresses")
+    subnet: Mapped[Subnet] = relationship()
+
+
+class Lease(Base):
+    """A DHCP lease as dnsmasq last reported it."""
+
+    __tablename__ = "leases"
+    __table_args__ = (UniqueConstraint("network_id", "mac", "address"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="CASCADE"))
+    mac: Mapped[str] = mapped_column(String(17))
+    address: Mapped[str] = mapped_column(String(64))
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    expires: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+Index("ix_leases_mac", Lease.mac)
