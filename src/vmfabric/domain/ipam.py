@@ -221,7 +221,7 @@ def plan_subnet(
         gateway = ipaddress.ip_address(usable_first)
     elif gateway not in network or not usable_first <= int(gateway) <= usable_last:
         raise InvalidInput(f"gateway {gateway} is not a usable address of {network}")
-    dhcp_server = None if mode == Ipv6Mode.SLAAC else ipaddress.ip_address(usable_last - 1)
+    dhcp_server = None if mode == Ipv6Mode.SLAAC else ipaddress.ip_address(usable_last)
     if dhcp_server == gateway:
         raise InvalidInput(f"gateway {gateway} is the address {network} keeps for its DHCP server")
     blocks = []

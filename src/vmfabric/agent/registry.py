@@ -1,0 +1,45 @@
+"""The in-process host agents: one hypervisor driver per registered host.
+
+On one machine the controller and every host's agent share a process; the drivers are built
+on first use and kept, so a libvirt connection is opened once per host.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from vmfabric.hypervisor import Hypervisor, HypervisorError
+from vmfabric.services.context import HostRef
+
+
+class LocalAgents:
+    """Builds and caches the hypervisor driver of each host."""
+
+    def __init__(self) -> None:
+        self._drivers: dict[str, Hypervisor] = {}
+        self._lock = threading.Lock()
+
+    def hypervisor(self, host: HostRef) -> Hypervisor:
+        """The driver for `host`, built from its registration the first time."""
+        with self._lock:
+            driver = self._drivers.get(host.name)
+            if driver is None:
+                driver = _build(host)
+                self._drivers[host.name] = driver
+            return driver
+
+
+def _build(host: HostRef) -> Hypervisor:
+    if host.driver == "lab":
+        from vmfabric.hypervisor.lab import LabHypervisor
+
+        return LabHypervisor(host.name)
+    if host.driver == "libvirt":
+        from vmfabric.hypervisor.libvirt import LibvirtHypervisor
+
+        return LibvirtHypervisor(host.uri or "qemu:///system")
+    if host.driver == "noop":
+        from vmfabric.hypervisor.noop import NoopHypervisor
+
+        return NoopHypervisor()
+    raise HypervisorError(f"host {host.name!r} has unknown driver {host.driver!r}")

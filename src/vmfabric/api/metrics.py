@@ -1,0 +1,74 @@
+"""Prometheus metrics of the controller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from vmfabric.services.context import Controller
+from vmfabric.store.tables import Network, Subnet, Vm
+
+registry = CollectorRegistry()
+
+VM_OPERATIONS = Counter(
+    "vmfabric_vm_operations",
+    "VM operations by kind and outcome",
+    ["operation", "outcome"],
+    registry=registry,
+)
+VM_CREATE_SECONDS = Histogram(
+    "vmfabric_vm_create_seconds",
+    "Time to create a VM: preset, define, reserve, start",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=registry,
+)
+LEASE_EVENTS = Counter(
+    "vmfabric_lease_events",
+    "DHCP lease events received, by action and whether they changed anything",
+    ["action", "changed"],
+    registry=registry,
+)
+
+
+class StateCollector(Collector):
+    """Gauges read from the store at scrape time: subnet use and VMs by state."""
+
+    def __init__(self, ctl: Controller) -> None:
+        self._ctl = ctl
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per subnet and per VM state."""
+        used = GaugeMetricFamily(
+            "vmfabric_subnet_addresses_used", "Addresses given to NICs", labels=["network", "cidr"]
+        )
+        capacity = GaugeMetricFamily(
+            "vmfabric_subnet_addresses_capacity",
+            "Addresses a subnet can give to NICs",
+            labels=["network", "cidr"],
+        )
+        vms = GaugeMetricFamily("vmfabric_vms", "VMs by state", labels=["state"])
+        with self._ctl.uow() as uow:
+            rows = uow.session.execute(
+                select(Network.name, Subnet.cidr, Subnet.used, Subnet.capacity).join(Network)
+            ).tuples()
+            for network, cidr, in_use, size in rows:
+                used.add_metric([network, cidr], in_use)
+                capacity.add_metric([network, cidr], float(size))
+            for state, count in uow.session.execute(
+                select(Vm.state, func.count()).group_by(Vm.state)
+            ).tuples():
+                vms.add_metric([state], count)
+        yield used
+        yield capacity
+        yield vms
+
+
+def exposition(ctl: Controller) -> bytes:
+    """The text exposition of the process's counters and the store's gauges."""
+    state = CollectorRegistry()
+    state.register(StateCollector(ctl))
+    return generate_latest(registry) + generate_latest(state)

@@ -1,0 +1,148 @@
+"""The REST API under /api/v1: hosts, networks, VMs, leases.
+
+Handlers are plain `def`: FastAPI runs them in its thread pool, since every use case does
+blocking database and driver work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request, Response
+
+from vmfabric import __version__
+from vmfabric.api.metrics import VM_CREATE_SECONDS, VM_OPERATIONS, exposition
+from vmfabric.api.schemas import AddressIn, HostIn, NetworkIn, VmIn
+from vmfabric.domain.model import LeaseEvent
+from vmfabric.services import hosts, leases, networks, vms
+from vmfabric.services.context import Controller
+from vmfabric.services.views import HostView, NetworkView, VmView
+
+T = TypeVar("T")
+router = APIRouter(prefix="/api/v1")
+metrics_router = APIRouter()
+
+
+def _ctl(request: Request) -> Controller:
+    controller: Controller = request.app.state.controller
+    return controller
+
+
+def _counted(operation: str, work: Callable[[], T]) -> T:
+    try:
+        result = work()
+    except Exception:
+        VM_OPERATIONS.labels(operation, "error").inc()
+        raise
+    VM_OPERATIONS.labels(operation, "ok").inc()
+    return result
+
+
+@router.get("/info")
+def info(request: Request) -> dict[str, object]:
+    """Version and mode, so clients (and `lab up`) know what they talk to."""
+    return {"version": __version__, "lab": request.app.state.lab}
+
+
+@router.get("/hosts")
+def list_hosts(request: Request) -> list[HostView]:
+    """Every registered hypervisor host."""
+    return hosts.list_hosts(_ctl(request))
+
+
+@router.post("/hosts", status_code=201)
+def register_host(request: Request, body: HostIn) -> HostView:
+    """Register a hypervisor host."""
+    return hosts.register_host(_ctl(request), body.name, body.driver, body.bridge, body.uri)
+
+
+@router.get("/networks")
+def list_networks(request: Request) -> list[NetworkView]:
+    """Every network with its subnets."""
+    return networks.list_networks(_ctl(request))
+
+
+@router.post("/networks", status_code=201)
+def create_network(request: Request, body: NetworkIn) -> NetworkView:
+    """Create a network: subnets, gateway, DHCP server."""
+    return networks.create_network(_ctl(request), networks.CreateNetwork(**body.model_dump()))
+
+
+@router.get("/networks/{name}")
+def show_network(request: Request, name: str) -> NetworkView:
+    """One network."""
+    return networks.show_network(_ctl(request), name)
+
+
+@router.delete("/networks/{name}", status_code=204)
+def delete_network(request: Request, name: str) -> Response:
+    """Delete a network no VM uses."""
+    networks.delete_network(_ctl(request), name)
+    return Response(status_code=204)
+
+
+@router.get("/networks/{name}/leases")
+def network_leases(request: Request, name: str) -> list[LeaseEvent]:
+    """The network's current DHCP leases as dnsmasq reported them."""
+    networks.show_network(_ctl(request), name)
+    return leases.leases_of(_ctl(request), name)
+
+
+@router.get("/vms")
+def list_vms(request: Request) -> list[VmView]:
+    """The global VM list: VM, host, MAC and IP of every NIC."""
+    return vms.list_vms(_ctl(request))
+
+
+@router.post("/vms", status_code=201)
+def create_vm(request: Request, body: VmIn) -> VmView:
+    """Create a VM with preset addresses served by DHCP."""
+    started = time.perf_counter()
+    create = vms.CreateVm(
+        name=body.name,
+        host=body.host,
+        image=body.image,
+        nics=[vms.NicRequest(n.network, n.address) for n in body.nics],
+    )
+    view = _counted("create", lambda: vms.create_vm(_ctl(request), create))
+    VM_CREATE_SECONDS.observe(time.perf_counter() - started)
+    return view
+
+
+@router.get("/vms/{name}")
+def show_vm(request: Request, name: str) -> VmView:
+    """One VM."""
+    return vms.show_vm(_ctl(request), name)
+
+
+@router.delete("/vms/{name}", status_code=204)
+def delete_vm(request: Request, name: str) -> Response:
+    """Delete a VM and release its addresses."""
+    _counted("delete", lambda: vms.delete_vm(_ctl(request), name))
+    return Response(status_code=204)
+
+
+@router.post("/vms/{name}/set-ip")
+def set_ip(request: Request, name: str, body: AddressIn) -> VmView:
+    """Change one of the VM's addresses and its DHCP reservation."""
+    return _counted("set-ip", lambda: vms.set_ip(_ctl(request), name, body.address))
+
+
+@router.post("/vms/{name}/stop")
+def stop_vm(request: Request, name: str) -> VmView:
+    """Shut a VM down."""
+    return _counted("stop", lambda: vms.stop_vm(_ctl(request), name))
+
+
+@router.post("/vms/{name}/start")
+def start_vm(request: Request, name: str) -> VmView:
+    """Boot a VM."""
+    return _counted("start", lambda: vms.start_vm(_ctl(request), name))
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(exposition(_ctl(request)), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,54 @@
+"""Request bodies of the API. Responses are the service views (`services.views`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmfabric.services.vms import DEFAULT_IMAGE
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HostIn(_Body):
+    """Register a host."""
+
+    name: str
+    driver: str = "libvirt"
+    bridge: str
+    uri: str | None = None
+
+
+class NetworkIn(_Body):
+    """Create a network."""
+
+    name: str
+    cidrs: list[str] = Field(min_length=1)
+    kind: str = "internal"
+    gateways: list[str] = []
+    reserved: list[str] = []
+    ipv6_mode: str = "slaac"
+    vlan: int | None = Field(default=None, ge=1, le=4094)
+
+
+class NicIn(_Body):
+    """One NIC of a new VM; `address` presets its IP."""
+
+    network: str
+    address: str | None = None
+
+
+class VmIn(_Body):
+    """Create a VM."""
+
+    name: str
+    host: str
+    image: str = DEFAULT_IMAGE
+    nics: list[NicIn] = Field(min_length=1)
+
+
+class AddressIn(_Body):
+    """Change a VM's address."""
+
+    address: str

@@ -1,0 +1,67 @@
+"""Printing results: one JSON document with --json, Rich tables on a terminal otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmfabric.cli.client import CliError
+
+console = Console()
+errors = Console(stderr=True)
+
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")
+]
+
+
+def emit_json(document: object) -> None:
+    """The stable machine-readable output."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A Rich table of rows."""
+    view = Table(title=title, title_justify="left")
+    for column in columns:
+        view.add_column(column)
+    for row in rows:
+        view.add_row(*("" if cell is None else str(cell) for cell in row))
+    console.print(view)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One readable line on stderr and the exit code (2 bad input, 1 failure)."""
+    errors.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn CliError into one line on stderr and its exit code."""
+    try:
+        yield
+    except CliError as error:
+        fail(str(error), error.code)
+
+
+def show(as_json: bool, document: Any, human: Callable[[Any], None]) -> None:
+    """Print `document` as JSON or through `human`."""
+    if as_json:
+        emit_json(document)
+    else:
+        human(document)
+
+
+def run(as_json: bool, call: Callable[[], Any], human: Callable[[Any], None]) -> None:
+    """Do one API call and print its result, errors as one line and an exit code."""
+    with cli_errors():
+        document = call()
+    show(as_json, document, human)

@@ -1,0 +1,69 @@
+"""What every use case needs: the database, the host agents, the DHCP server, the fabric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol, TypeVar
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from vmfabric.dhcp import DhcpServer
+from vmfabric.fabric import Fabric
+from vmfabric.hypervisor import Hypervisor
+from vmfabric.store.unit_of_work import UnitOfWork
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostRef:
+    """How to reach one host's hypervisor."""
+
+    name: str
+    driver: str
+    uri: str | None
+    bridge: str
+
+
+class HostAgents(Protocol):
+    """Finds the agent (here: its hypervisor driver) of a host."""
+
+    def hypervisor(self, host: HostRef) -> Hypervisor:
+        """The hypervisor driver the host's agent uses."""
+        ...
+
+
+@dataclass
+class Controller:
+    """The controller's collaborators, handed to every use case."""
+
+    sessions: sessionmaker[Session]
+    agents: HostAgents
+    dhcp: DhcpServer
+    fabric: Fabric | None
+    owner: str
+    create_claim: timedelta = timedelta(seconds=120)
+
+    def uow(self) -> UnitOfWork:
+        """A new unit of work (one transaction)."""
+        return UnitOfWork(self.sessions)
+
+
+def transaction(function: Callable[[], T]) -> T:
+    """Run one transaction, retrying it when the database reports a race or a busy lock.
+
+    The uniqueness constraints are the last guard against two processes taking the same name
+    or address; a violation aborts the transaction and the retry sees the winner's commit and
+    answers with a clear Conflict.
+    """
+    retrying = retry(
+        retry=retry_if_exception_type((IntegrityError, OperationalError)),
+        stop=stop_after_attempt(5),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        reraise=True,
+    )
+    return retrying(function)()

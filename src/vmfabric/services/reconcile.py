@@ -1,0 +1,32 @@
+"""Bringing the world back in line with the store when the controller starts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vmfabric.services.context import Controller
+from vmfabric.services.networks import provision
+from vmfabric.services.vms import recover_interrupted_creates
+from vmfabric.store import repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What a reconcile pass did, for the log and for tests."""
+
+    undone_creates: list[str]
+    networks: list[str]
+
+
+def reconcile(ctl: Controller) -> ReconcileReport:
+    """Undo interrupted creates, then rebuild each network's gateway, DHCP and reservations."""
+    undone = recover_interrupted_creates(ctl)
+    with ctl.uow() as uow:
+        networks = list(repository.list_networks(uow.session))
+    for network in networks:
+        provision(ctl, network)
+    log.info("reconciled %d networks, undid %d interrupted creates", len(networks), len(undone))
+    return ReconcileReport(undone, [n.name for n in networks])
