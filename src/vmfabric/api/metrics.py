@@ -54,13 +54,13 @@ class StateCollector(Collector):
         with self._ctl.uow() as uow:
             rows = uow.session.execute(
                 select(Network.name, Subnet.cidr, Subnet.used, Subnet.capacity).join(Network)
-            ).tuples()
+            )
             for network, cidr, in_use, size in rows:
                 used.add_metric([network, cidr], in_use)
                 capacity.add_metric([network, cidr], float(size))
             for state, count in uow.session.execute(
                 select(Vm.state, func.count()).group_by(Vm.state)
-            ).tuples():
+            ):
                 vms.add_metric([state], count)
         yield used
         yield capacity

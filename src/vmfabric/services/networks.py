@@ -128,17 +128,19 @@ def network_info(network: Network) -> NetworkInfo:
 def create_network(ctl: Controller, request: CreateNetwork) -> NetworkView:
     """Store the network, then build its gateway and DHCP server; undo the record on failure."""
     plans = plan_network(request)
-    network = transaction(lambda: _store_network(ctl, request, plans))
+    info, view = transaction(lambda: _store_network(ctl, request, plans))
     try:
-        provision(ctl, network)
+        provision(ctl, info)
     except Exception as error:
         _unprovision(ctl, request.name)
         transaction(lambda: _drop_network(ctl, request.name))
         raise Unavailable(f"could not set up network {request.name!r}: {error}") from error
-    return network_view(network)
+    return view
 
 
-def _store_network(ctl: Controller, request: CreateNetwork, plans: list[SubnetPlan]) -> Network:
+def _store_network(
+    ctl: Controller, request: CreateNetwork, plans: list[SubnetPlan]
+) -> tuple[NetworkInfo, NetworkView]:
     with ctl.uow() as uow:
         session = uow.session
         if session.scalar(select(Network.id).where(Network.name == request.name)) is not None:
@@ -154,7 +156,7 @@ def _store_network(ctl: Controller, request: CreateNetwork, plans: list[SubnetPl
         for subnet, plan in zip(network.subnets, plans, strict=True):
             allocator.seed_free_ranges(session, subnet, plan.initial_free())
         uow.commit()
-        return repository.get_network(session, request.name)
+        return network_info(network), network_view(network)
 
 
 def _subnet_row(plan: SubnetPlan) -> Subnet:
@@ -176,7 +178,7 @@ def _subnet_row(plan: SubnetPlan) -> Subnet:
 def _refuse_taken_cidrs(session: Session, plans: list[SubnetPlan]) -> None:
     for existing, network_name in session.execute(
         select(Subnet.cidr, Network.name).join(Network)
-    ).tuples():
+    ):
         taken = parse_network(existing)
         for plan in plans:
             if plan.version == taken.version and plan.network.overlaps(taken):
@@ -193,19 +195,25 @@ def _free_vlan(session: Session) -> int:
     raise Conflict("every VLAN tag is in use")
 
 
-def provision(ctl: Controller, network: Network) -> None:
+def provision(ctl: Controller, info: NetworkInfo) -> None:
     """Build the network's gateway and DHCP server and give it its reservations.
 
     Safe to repeat: the controller calls it for every network when it starts.
     """
-    info = network_info(network)
     if ctl.fabric is not None:
         placement = ctl.fabric.ensure_network(info)
         ctl.dhcp.ensure_network(info, placement)
     with ctl.uow() as uow:
+        network = repository.get_network(uow.session, info.name)
         nics = repository.network_nics(uow.session, network.id)
         reservations = [r for r in (reservation_of(n) for n in nics) if r is not None]
-    ctl.dhcp.sync(network.name, reservations)
+    ctl.dhcp.sync(info.name, reservations)
+
+
+def network_infos(ctl: Controller) -> list[NetworkInfo]:
+    """Every network as the drivers see it."""
+    with ctl.uow() as uow:
+        return [network_info(n) for n in repository.list_networks(uow.session)]
 
 
 def list_networks(ctl: Controller) -> list[NetworkView]:

@@ -6,9 +6,8 @@ import logging
 from dataclasses import dataclass
 
 from vmfabric.services.context import Controller
-from vmfabric.services.networks import provision
+from vmfabric.services.networks import network_infos, provision
 from vmfabric.services.vms import recover_interrupted_creates
-from vmfabric.store import repository
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +23,7 @@ class ReconcileReport:
 def reconcile(ctl: Controller) -> ReconcileReport:
     """Undo interrupted creates, then rebuild each network's gateway, DHCP and reservations."""
     undone = recover_interrupted_creates(ctl)
-    with ctl.uow() as uow:
-        networks = list(repository.list_networks(uow.session))
+    networks = network_infos(ctl)
     for network in networks:
         provision(ctl, network)
     log.info("reconciled %d networks, undid %d interrupted creates", len(networks), len(undone))
