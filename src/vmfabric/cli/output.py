@@ -15,7 +15,6 @@ from rich.table import Table
 from vmfabric.cli.client import CliError
 
 console = Console()
-errors = Console(stderr=True)
 
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")
@@ -39,7 +38,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) 
 
 def fail(message: str, code: int) -> NoReturn:
     """One readable line on stderr and the exit code (2 bad input, 1 failure)."""
-    errors.print(f"error: {message}", markup=False, highlight=False)
+    one_line = " | ".join(line.strip() for line in message.splitlines() if line.strip())
+    sys.stderr.write(f"error: {one_line}\n")
     raise typer.Exit(code)
 
 

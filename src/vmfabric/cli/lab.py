@@ -1,0 +1,187 @@
+"""`vmfabric lab`: bring the lab up and down, look at it, run commands in its VMs.
+
+With `--json` each command prints exactly one JSON document on stdout. Errors are one line on
+stderr: exit code 2 for bad input, 1 for a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vmfabric.lab import lifecycle
+from vmfabric.lab.errors import LabError, LabInputError
+
+app = typer.Typer(
+    name="lab",
+    help="A lab cloud on this machine: hosts and VMs from network namespaces and Open vSwitch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One readable line on stderr, then exit."""
+    typer.echo(f"error: {' | '.join(message.splitlines())}", err=True)
+    raise typer.Exit(code)
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run a lab action, turning its errors into the CLI's exit codes."""
+    if os.geteuid() != 0:
+        _fail("the lab needs root (it creates namespaces and runs Open vSwitch)", 1)
+    try:
+        return action()
+    except LabInputError as err:
+        _fail(str(err), 2)
+    except (LabError, OSError) as err:
+        _fail(str(err), 1)
+
+
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2))
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[lifecycle.Progress]:
+    """Rich progress on stderr when it is a terminal; otherwise steps pass silently."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _step: None
+        return
+    with Progress(
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        current: list[TaskID] = []
+
+        def step(description: str) -> None:
+            for task in current:
+                bar.update(task, total=1, completed=1)
+            current[:] = [bar.add_task(description, total=None)]
+
+        yield step
+        for task in current:
+            bar.update(task, total=1, completed=1)
+
+
+@app.command()
+def up(
+    hosts: Annotated[int, typer.Option("--hosts", help="Number of hosts hv1…hvN.")] = 2,
+    controller: Annotated[
+        bool,
+        typer.Option(
+            "--controller/--no-controller",
+            help="Start (or find) the controller and register the hosts with it.",
+        ),
+    ] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build the lab (switch, bridges, vmf-wan), start the controller if none answers."""
+    with _progress(not as_json) as progress:
+        result = _guarded(lambda: lifecycle.up(hosts, controller=controller, progress=progress))
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(f"lab up: hosts {', '.join(result['hosts'])}")
+    if "controller" in result:
+        info = result["controller"]
+        how = f"started by the lab, pid {info['pid']}" if info["started_by_lab"] else "running"
+        typer.echo(f"controller: {info['url']} ({how})")
+
+
+@app.command()
+def down(as_json: JsonFlag = False) -> None:
+    """Remove every lab resource and stop what `lab up` started."""
+    with _progress(not as_json) as progress:
+        result = _guarded(lambda: lifecycle.down(progress=progress))
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(
+        f"lab down: removed {len(result['vms'])} VMs, {len(result['networks'])} networks, "
+        f"{result['namespaces']} namespaces, {result['bridges']} bridges, "
+        f"{result['processes']} processes"
+    )
+
+
+@app.command()
+def status(as_json: JsonFlag = False) -> None:
+    """Show what the lab holds and whether each part runs."""
+    result = _guarded(lifecycle.status)
+    if as_json:
+        _print_json(result)
+        return
+    _show_status(result)
+
+
+@app.command("exec")
+def exec_(
+    vm: Annotated[str, typer.Argument(help="The lab VM.")],
+    command: Annotated[list[str], typer.Argument(help="The command, after `--`.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a command inside a lab VM; exit with its exit code (0 with --json)."""
+    if as_json:
+        done = _guarded(lambda: lifecycle.run_in_vm(vm, command))
+        _print_json(
+            {
+                "vm": vm,
+                "command": command,
+                "exit_code": done.returncode,
+                "stdout": done.stdout,
+                "stderr": done.stderr,
+            }
+        )
+        return
+    raise typer.Exit(_guarded(lambda: lifecycle.exec_in_vm(vm, command)))
+
+
+def _show_status(result: dict[str, Any]) -> None:
+    console = Console()
+    state = "up" if result["up"] else "down"
+    hosts = ", ".join(result["hosts"]) or "-"
+    console.print(f"lab {state} ({result['state_dir']}); hosts: {hosts}")
+    vms = Table("VM", "host", "running", "NICs", title="VMs")
+    for vm in result["vms"]:
+        nics = ", ".join(f"{n['ifname']} {n['mac']} {n['network']}/{n['vlan']}" for n in vm["nics"])
+        vms.add_row(vm["name"], vm["host"], "yes" if vm["running"] else "no", nics)
+    networks = Table("network", "kind", "VLAN", "router", "DHCP", title="Networks")
+    for net in result["networks"]:
+        networks.add_row(
+            net["name"], net["kind"], str(net["vlan"]), net["router_netns"], net["dhcp_netns"]
+        )
+    processes = Table("process", "pid", "alive", "namespace", title="Processes")
+    for process in result["processes"]:
+        processes.add_row(
+            process["name"],
+            str(process["pid"]),
+            "yes" if process["alive"] else "no",
+            process["netns"] or "-",
+        )
+    for table in (vms, networks, processes):
+        if table.row_count:
+            console.print(table)
+
+
+def main() -> None:
+    """Run the lab commands on their own (the `vmfabric` CLI mounts `app` as `lab`)."""
+    app(prog_name="vmfabric lab")
+
+
+if __name__ == "__main__":
+    main()

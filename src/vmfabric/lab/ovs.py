@@ -1,0 +1,237 @@
+"""The lab's private Open vSwitch: its own ovsdb-server and ovs-vswitchd, userspace datapath.
+
+Both daemons keep their database, sockets, pidfiles and logs under `$VMFABRIC_STATE/lab/ovs`,
+so the lab never touches a system Open vSwitch. Other modules reach the switch through
+`switch_access()` (for example to install OpenFlow rules with ovs-ofctl).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmfabric.lab import proc
+from vmfabric.lab.errors import LabError
+from vmfabric.lab.netns import link_exists
+from vmfabric.lab.proc import is_alive, live_pid, log_tail, run, start_time
+from vmfabric.lab.state import LabState, ProcessRecord, Record, lab_dir
+
+SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+OVSDB = "vmf-ovsdb-server"
+VSWITCHD = "vmf-ovs-vswitchd"
+DATAPATH_TAP = "ovs-netdev"  # the netdev datapath's own tap; OVS gives it this fixed name
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class OvsPaths:
+    """Where the private switch keeps its files."""
+
+    root: Path = field(default_factory=lambda: lab_dir() / "ovs")
+
+    @property
+    def rundir(self) -> Path:
+        """Sockets and pidfiles."""
+        return self.root / "run"
+
+    @property
+    def dbdir(self) -> Path:
+        """The database file."""
+        return self.root / "db"
+
+    @property
+    def logdir(self) -> Path:
+        """Daemon logs."""
+        return self.root / "log"
+
+    @property
+    def db_file(self) -> Path:
+        """The OVSDB database."""
+        return self.dbdir / "conf.db"
+
+    @property
+    def db_socket(self) -> Path:
+        """The database's unix socket, which ovs-vsctl and ovs-vswitchd connect to."""
+        return self.rundir / "db.sock"
+
+
+@dataclass(frozen=True)
+class SwitchAccess:
+    """What another module needs to run ovs-vsctl, ovs-ofctl or ovs-appctl on the lab switch.
+
+    ovs-ofctl finds a bridge's socket (`<bridge>.mgmt`) and ovs-appctl a daemon's control
+    socket through `OVS_RUNDIR`; ovs-vsctl gets the database explicitly.
+    """
+
+    env: dict[str, str]
+    db: str
+
+    def environ(self) -> dict[str, str]:
+        """The current environment with the lab switch's directories."""
+        return {**os.environ, **self.env}
+
+    def command(self, tool: str, *args: str) -> list[str]:
+        """The command line of `tool` (ovs-vsctl, ovs-ofctl, ovs-appctl) for the lab switch."""
+        if tool == "ovs-vsctl":
+            return [tool, f"--db={self.db}", "--timeout=10", *args]
+        return [tool, *args]
+
+    def run(self, tool: str, *args: str) -> str:
+        """Run `tool` on the lab switch and return its output (CommandError on failure)."""
+        return run(self.command(tool, *args), env=self.environ()).stdout
+
+
+def switch_access(paths: OvsPaths | None = None) -> SwitchAccess:
+    """How to reach the lab switch from any process that shares `VMFABRIC_STATE`."""
+    paths = paths or OvsPaths()
+    env = {
+        "OVS_RUNDIR": str(paths.rundir),
+        "OVS_DBDIR": str(paths.dbdir),
+        "OVS_LOGDIR": str(paths.logdir),
+    }
+    return SwitchAccess(env=env, db=f"unix:{paths.db_socket}")
+
+
+def vsctl(*args: str) -> str:
+    """Run ovs-vsctl on the lab switch."""
+    return switch_access().run("ovs-vsctl", *args)
+
+
+def is_running(state: LabState) -> bool:
+    """Whether both daemons of the lab switch run."""
+    daemons = [state.processes.get(name) for name in (OVSDB, VSWITCHD)]
+    return all(daemon is not None and is_alive(daemon) for daemon in daemons)
+
+
+def start(record: Record, paths: OvsPaths | None = None) -> None:
+    """Start whichever daemon is not running; the database survives, so bridges come back."""
+    paths = paths or OvsPaths()
+    _check_socket_path(paths)
+    for directory in (paths.rundir, paths.dbdir, paths.logdir):
+        directory.mkdir(parents=True, exist_ok=True)
+    if not paths.db_file.exists():
+        run(["ovsdb-tool", "create", str(paths.db_file), str(SCHEMA)])
+    _start_daemon(record, OVSDB, _ovsdb_argv(paths), paths)
+    vsctl("--no-wait", "init")
+    _start_daemon(record, VSWITCHD, _vswitchd_argv(paths), paths)
+
+
+def stop(record: Record) -> None:
+    """Remove the recorded bridges (and their taps), then end both daemons."""
+    state = record.state
+    if is_running(state):
+        for bridge in reversed(state.bridges):
+            vsctl("--if-exists", "del-br", bridge)
+            record.forget_bridge(bridge)
+    for name in (VSWITCHD, OVSDB):
+        process = state.processes.get(name)
+        if process is not None:
+            proc.stop(process)
+            record.forget_process(name)
+    for tap in [*state.bridges, *state.datapath_taps]:
+        _delete_tap(tap)
+    state.bridges.clear()
+    state.datapath_taps.clear()
+    record.save()
+
+
+def add_bridge(record: Record, name: str) -> None:
+    """A userspace-datapath bridge (idempotent)."""
+    if DATAPATH_TAP not in record.state.datapath_taps and not link_exists(DATAPATH_TAP):
+        record.state.datapath_taps.append(DATAPATH_TAP)
+    record.remember_bridge(name)
+    vsctl("--may-exist", "add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
+
+
+def add_patch_pair(bridge_a: str, port_a: str, bridge_b: str, port_b: str) -> None:
+    """Join two bridges by patch ports; untagged patch ports carry every VLAN (a trunk)."""
+    vsctl(
+        *_patch_port(bridge_a, port_a, port_b),
+        "--",
+        *_patch_port(bridge_b, port_b, port_a),
+    )
+
+
+def _patch_port(bridge: str, port: str, peer: str) -> list[str]:
+    return [
+        "--may-exist",
+        "add-port",
+        bridge,
+        port,
+        "--",
+        "set",
+        "interface",
+        port,
+        "type=patch",
+        f"options:peer={peer}",
+    ]
+
+
+def add_access_port(bridge: str, port: str, vlan: int) -> None:
+    """Plug an interface into `bridge` as an access port of `vlan` (re-tagging an old one)."""
+    vsctl("--may-exist", "add-port", bridge, port, "--", "set", "port", port, f"tag={vlan}")
+
+
+def delete_port(port: str) -> None:
+    """Unplug a port, without waiting for the daemon (it may be gone already)."""
+    vsctl("--no-wait", "--if-exists", "del-port", port)
+
+
+def database_running(state: LabState) -> bool:
+    """Whether ovsdb-server runs, so the database can still be edited."""
+    process = state.processes.get(OVSDB)
+    return process is not None and is_alive(process)
+
+
+def _start_daemon(record: Record, name: str, argv: list[str], paths: OvsPaths) -> None:
+    known = record.state.processes.get(name)
+    if known is not None and is_alive(known):
+        return
+    pidfile = paths.rundir / f"{argv[0]}.pid"
+    log = paths.logdir / f"{argv[0]}.log"
+    process = ProcessRecord(name=name, argv=argv, pidfile=str(pidfile), log=str(log))
+    record.remember_process(process)
+    run(argv, env=switch_access(paths).environ())
+    pid = live_pid(process)
+    if pid is None:
+        raise LabError(f"{argv[0]} did not start; its log ends with:\n{log_tail(log)}")
+    record.remember_process(process.model_copy(update={"pid": pid, "start_time": start_time(pid)}))
+
+
+def _ovsdb_argv(paths: OvsPaths) -> list[str]:
+    return [
+        "ovsdb-server",
+        str(paths.db_file),
+        f"--remote=punix:{paths.db_socket}",
+        *_daemon_options(paths, "ovsdb-server"),
+    ]
+
+
+def _vswitchd_argv(paths: OvsPaths) -> list[str]:
+    return ["ovs-vswitchd", f"unix:{paths.db_socket}", *_daemon_options(paths, "ovs-vswitchd")]
+
+
+def _daemon_options(paths: OvsPaths, program: str) -> list[str]:
+    return [
+        f"--pidfile={paths.rundir / f'{program}.pid'}",
+        f"--log-file={paths.logdir / f'{program}.log'}",
+        "--detach",
+        "--no-chdir",
+        "-vconsole:off",
+    ]
+
+
+def _check_socket_path(paths: OvsPaths) -> None:
+    longest = paths.rundir / "ovs-vswitchd.4194304.ctl"
+    if len(str(longest)) > MAX_SOCKET_PATH:
+        raise LabError(
+            f"VMFABRIC_STATE is too deep for unix sockets ({longest} is longer than "
+            f"{MAX_SOCKET_PATH} bytes); choose a shorter state directory"
+        )
+
+
+def _delete_tap(name: str) -> None:
+    """Delete a tap OVS left behind when it died before removing its bridges."""
+    if Path(f"/sys/class/net/{name}/tun_flags").exists():
+        run(["ip", "link", "delete", "dev", name], check=False)

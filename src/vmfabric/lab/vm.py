@@ -1,0 +1,350 @@
+"""Lab VMs: a namespace per VM with veth NICs on a host bridge, qemu-ga and a DHCP client.
+
+A lab VM "runs" while its DHCP clients run: `start` launches busybox udhcpc on each NIC, which
+asks for a lease like a booting guest and applies it with `udhcpc.script`; `stop` releases the
+leases and takes the links down. The QEMU guest agent runs from `define` on, as the channel
+does for a defined libvirt domain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import signal
+from importlib.resources import as_file, files
+from pathlib import Path
+
+from vmfabric.domain.errors import InvalidInput
+from vmfabric.domain.model import NicSpec, VmSpec
+from vmfabric.domain.names import normalize_mac
+from vmfabric.lab import proc
+from vmfabric.lab.errors import LabError, LabInputError
+from vmfabric.lab.names import check_label, vm_ifname, vm_netns, vm_port
+from vmfabric.lab.netns import (
+    flush_addresses,
+    global_addresses,
+    link_exists,
+    netns_exists,
+    set_link,
+)
+from vmfabric.lab.plumbing import clear_netns, make_netns, plug, require_lab
+from vmfabric.lab.state import (
+    LabState,
+    NicRecord,
+    ProcessRecord,
+    Record,
+    VmRecord,
+    lab_dir,
+    vm_key,
+)
+
+MAX_SOCKET_PATH = 107
+QGA_BLOCKED_RPCS = (
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+    "guest-set-time",
+    "guest-set-user-password",
+    "guest-set-vcpus",
+    "guest-set-memory-blocks",
+    "guest-fsfreeze-freeze",
+    "guest-fsfreeze-freeze-list",
+    "guest-ssh-add-authorized-keys",
+    "guest-ssh-remove-authorized-keys",
+)
+"""Agent commands that would act on the machine itself: a lab VM shares its kernel."""
+
+
+def vm_dir(host: str, vm: str) -> Path:
+    """The VM's files: agent socket, pidfiles, logs."""
+    return lab_dir() / "vms" / host / vm
+
+
+def agent_socket_path(host: str, vm: str) -> Path:
+    """The unix socket of the VM's qemu-ga."""
+    return vm_dir(host, vm) / "qga.sock"
+
+
+def dhcp_script() -> Path:
+    """The udhcpc event script, copied into the lab's directory so it is executable."""
+    return lab_dir() / "udhcpc.script"
+
+
+def install_dhcp_script() -> None:
+    """Copy `udhcpc.script` from the package (whose files may lack the exec bit)."""
+    target = dhcp_script()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with as_file(files("vmfabric.lab").joinpath("udhcpc.script")) as source:
+        shutil.copyfile(source, target)
+    target.chmod(0o755)
+
+
+def find_vm(state: LabState, host: str, name: str) -> VmRecord | None:
+    """The VM `name` of `host`, if the lab has it."""
+    return state.vms.get(vm_key(host, name))
+
+
+def define_vm(record: Record, host: str, spec: VmSpec) -> VmRecord:
+    """Build the VM, or keep it when it already matches `spec` (then its MACs stay)."""
+    _check_spec(record.state, host, spec)
+    known = find_vm(record.state, host, spec.name)
+    if (
+        known is not None
+        and known.defined
+        and netns_exists(known.netns)
+        and _same_nics(known, spec)
+    ):
+        return _refresh(record, known, spec)
+    macs = _macs(known, spec)
+    was_running = known is not None and known.running
+    if known is not None:
+        destroy_vm(record, known)
+    vm = _plan(host, spec, macs)
+    record.remember_vm(vm)
+    try:
+        _build(record, vm)
+    except (LabError, OSError):
+        destroy_vm(record, vm)
+        raise
+    vm.defined = True
+    record.remember_vm(vm)
+    if was_running:
+        start_vm(record, vm)
+    return vm
+
+
+def start_vm(record: Record, vm: VmRecord) -> None:
+    """Links up and a DHCP client on each NIC; NICs whose client runs are left alone."""
+    if not dhcp_script().exists():
+        install_dhcp_script()
+    for nic in vm.nics:
+        set_link(nic.ifname, up=True, netns=vm.netns)
+        known = record.state.processes.get(_dhcp_client_name(vm, nic))
+        if known is None or not proc.is_alive(known):
+            _start_dhcp_client(record, vm, nic)
+    vm.running = True
+    record.remember_vm(vm)
+
+
+def stop_vm(record: Record, vm: VmRecord) -> None:
+    """Release each lease (SIGUSR2), end the clients, drop addresses, links down."""
+    for nic in vm.nics:
+        name = _dhcp_client_name(vm, nic)
+        process = record.state.processes.get(name)
+        if process is not None:
+            _release(process, vm.netns, nic.ifname)
+            proc.stop(process)
+            record.forget_process(name)
+        if netns_exists(vm.netns) and link_exists(nic.ifname, vm.netns):
+            flush_addresses(nic.ifname, vm.netns)
+            set_link(nic.ifname, up=False, netns=vm.netns)
+    vm.running = False
+    record.remember_vm(vm)
+
+
+def destroy_vm(record: Record, vm: VmRecord) -> None:
+    """Stop the VM, end its agent and whatever else runs in it, delete NICs and namespace."""
+    stop_vm(record, vm)
+    agent = record.state.processes.get(_agent_name(vm))
+    if agent is not None:
+        proc.stop(agent)
+        record.forget_process(agent.name)
+    clear_netns(record, vm.netns, [nic.port for nic in vm.nics])
+    shutil.rmtree(vm.directory, ignore_errors=True)
+    _remove_if_empty(Path(vm.directory).parent)
+    record.forget_vm(vm.key)
+
+
+def is_running(state: LabState, vm: VmRecord) -> bool:
+    """Running means: started, and every NIC's DHCP client still alive."""
+    clients = [state.processes.get(_dhcp_client_name(vm, nic)) for nic in vm.nics]
+    return vm.running and all(c is not None and proc.is_alive(c) for c in clients)
+
+
+def _check_spec(state: LabState, host: str, spec: VmSpec) -> None:
+    check_label("host", host)
+    check_label("VM", spec.name)
+    require_lab(state)
+    for index, nic in enumerate(spec.nics):
+        if nic.bridge not in state.bridges:
+            raise LabInputError(
+                f"NIC {index} of VM {spec.name}: {nic.bridge!r} is not a lab bridge "
+                f"(the lab has {', '.join(state.bridges)})"
+            )
+        if not 1 <= nic.vlan <= 4094:
+            raise LabInputError(f"NIC {index} of VM {spec.name}: VLAN {nic.vlan} is not in 1-4094")
+        if nic.mac is not None:
+            _check_mac(nic.mac)
+    _check_socket_path(agent_socket_path(host, spec.name))
+
+
+def _check_mac(mac: str) -> str:
+    try:
+        normal = normalize_mac(mac)
+    except InvalidInput as err:
+        raise LabInputError(err.detail) from err
+    if int(normal[:2], 16) & 1:
+        raise LabInputError(f"MAC address {mac} is a multicast address; a NIC needs unicast")
+    return normal
+
+
+def _check_socket_path(path: Path) -> None:
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise LabInputError(
+            f"the agent socket {path} is longer than {MAX_SOCKET_PATH} bytes; "
+            "use a shorter VMFABRIC_STATE or VM name"
+        )
+
+
+def _same_nics(vm: VmRecord, spec: VmSpec) -> bool:
+    if len(vm.nics) != len(spec.nics):
+        return False
+    return all(
+        (have.network, have.bridge, have.vlan) == (want.network, want.bridge, want.vlan)
+        and (want.mac is None or _check_mac(want.mac) == have.mac)
+        for have, want in zip(vm.nics, spec.nics, strict=True)
+    )
+
+
+def _refresh(record: Record, vm: VmRecord, spec: VmSpec) -> VmRecord:
+    """Keep a matching VM, updating what needs no rebuild and restarting a dead agent."""
+    vm.image, vm.memory_mib, vm.vcpus = spec.image, spec.memory_mib, spec.vcpus
+    record.remember_vm(vm)
+    agent = record.state.processes.get(_agent_name(vm))
+    if agent is None or not proc.is_alive(agent):
+        _start_agent(record, vm)
+    return vm
+
+
+def _macs(known: VmRecord | None, spec: VmSpec) -> list[str]:
+    """The operator's MAC, else the one the NIC had before (same network), else a new one."""
+    return [_mac_for(known, index, nic) for index, nic in enumerate(spec.nics)]
+
+
+def _mac_for(known: VmRecord | None, index: int, nic: NicSpec) -> str:
+    if nic.mac is not None:
+        return _check_mac(nic.mac)
+    if known is not None and index < len(known.nics) and known.nics[index].network == nic.network:
+        return known.nics[index].mac
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def _plan(host: str, spec: VmSpec, macs: list[str]) -> VmRecord:
+    nics = [
+        NicRecord(
+            network=nic.network,
+            bridge=nic.bridge,
+            vlan=nic.vlan,
+            mac=mac,
+            ifname=vm_ifname(index),
+            port=vm_port(host, spec.name, index),
+        )
+        for index, (nic, mac) in enumerate(zip(spec.nics, macs, strict=True))
+    ]
+    return VmRecord(
+        name=spec.name,
+        host=host,
+        image=spec.image,
+        netns=vm_netns(host, spec.name),
+        directory=str(vm_dir(host, spec.name)),
+        nics=nics,
+        memory_mib=spec.memory_mib,
+        vcpus=spec.vcpus,
+    )
+
+
+def _build(record: Record, vm: VmRecord) -> None:
+    make_netns(record, vm.netns)
+    for nic in vm.nics:
+        plug(
+            record,
+            bridge=nic.bridge,
+            port=nic.port,
+            netns=vm.netns,
+            ifname=nic.ifname,
+            vlan=nic.vlan,
+            owner=f"VM {vm.name} on {vm.host}",
+            mac=nic.mac,
+        )
+    _start_agent(record, vm)
+
+
+def _agent_name(vm: VmRecord) -> str:
+    return f"vmf-qga.{vm.host}.{vm.name}"
+
+
+def _dhcp_client_name(vm: VmRecord, nic: NicRecord) -> str:
+    return f"vmf-udhcpc.{vm.host}.{vm.name}.{nic.ifname}"
+
+
+def _start_agent(record: Record, vm: VmRecord) -> None:
+    directory = Path(vm.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    socket = directory / "qga.sock"
+    socket.unlink(missing_ok=True)
+    argv = [
+        "qemu-ga",
+        "--method=unix-listen",
+        f"--path={socket}",
+        f"--pidfile={directory / 'qga.pid'}",
+        f"--statedir={directory}",
+        f"--block-rpcs={','.join(QGA_BLOCKED_RPCS)}",
+    ]
+    process = ProcessRecord(
+        name=_agent_name(vm), argv=argv, netns=vm.netns, log=str(directory / "qga.log")
+    )
+    record.remember_process(process)
+    started = proc.spawn(process)
+    record.remember_process(started)
+    proc.wait_until(lambda: socket.exists() or not proc.is_alive(started), timeout=5.0)
+    if not socket.exists():
+        raise LabError(
+            f"qemu-ga of VM {vm.name} did not open {socket}; its log ends with:\n"
+            f"{proc.log_tail(process.log)}"
+        )
+
+
+def _start_dhcp_client(record: Record, vm: VmRecord, nic: NicRecord) -> None:
+    directory = Path(vm.directory)
+    pidfile = directory / f"udhcpc-{nic.ifname}.pid"
+    argv = [
+        "busybox",
+        "udhcpc",
+        "-f",
+        "-R",
+        f"-i{nic.ifname}",
+        f"-p{pidfile}",
+        f"-s{dhcp_script()}",
+        f"-xhostname:{vm.name}",
+        "-t3",
+        "-T1",
+        "-A3",
+    ]
+    process = ProcessRecord(
+        name=_dhcp_client_name(vm, nic),
+        argv=argv,
+        netns=vm.netns,
+        pidfile=str(pidfile),
+        log=str(directory / f"udhcpc-{nic.ifname}.log"),
+    )
+    record.remember_process(process)
+    record.remember_process(proc.spawn(process))
+
+
+def _release(process: ProcessRecord, netns: str, ifname: str) -> None:
+    """SIGUSR2 makes udhcpc send DHCPRELEASE, then drop the address (script `deconfig`)."""
+    if proc.signal_process(process, signal.SIGUSR2):
+        proc.wait_until(lambda: not _has_ipv4(ifname, netns), timeout=1.0)
+
+
+def _has_ipv4(ifname: str, netns: str) -> bool:
+    if not (netns_exists(netns) and link_exists(ifname, netns)):
+        return False
+    return any(":" not in address for address in global_addresses(ifname, netns))
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
