@@ -24,7 +24,7 @@ sync: uv
 	@$(UV) sync --frozen --quiet
 
 demo: install
-	@$(UV) run python -m vmfabric.demo
+	@$(UV) run vmfabric lab demo
 
 lint: sync
 	$(UV) run ruff check

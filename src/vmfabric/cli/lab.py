@@ -6,18 +6,17 @@ stderr: exit code 2 for bad input, 1 for a failure.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn, TypeVar
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vmfabric.cli.demo import run_demo
+from vmfabric.cli.output import JsonFlag, cli_errors, emit_json, fail, steps, table
 from vmfabric.lab import lifecycle
 from vmfabric.lab.errors import LabError, LabInputError
 
@@ -29,54 +28,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 T = TypeVar("T")
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    """One readable line on stderr, then exit."""
-    typer.echo(f"error: {' | '.join(message.splitlines())}", err=True)
-    raise typer.Exit(code)
 
 
 def _guarded(action: Callable[[], T]) -> T:
     """Run a lab action, turning its errors into the CLI's exit codes."""
     if os.geteuid() != 0:
-        _fail("the lab needs root (it creates namespaces and runs Open vSwitch)", 1)
+        fail("the lab needs root (it creates namespaces and runs Open vSwitch)", 1)
     try:
         return action()
     except LabInputError as err:
-        _fail(str(err), 2)
+        fail(str(err), 2)
     except (LabError, OSError) as err:
-        _fail(str(err), 1)
-
-
-def _print_json(document: Any) -> None:
-    typer.echo(json.dumps(document, indent=2))
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[lifecycle.Progress]:
-    """Rich progress on stderr when it is a terminal; otherwise steps pass silently."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda _step: None
-        return
-    with Progress(
-        SpinnerColumn(finished_text="[green]✓"),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        current: list[TaskID] = []
-
-        def step(description: str) -> None:
-            for task in current:
-                bar.update(task, total=1, completed=1)
-            current[:] = [bar.add_task(description, total=None)]
-
-        yield step
-        for task in current:
-            bar.update(task, total=1, completed=1)
+        fail(str(err), 1)
 
 
 @app.command()
@@ -92,10 +56,10 @@ def up(
     as_json: JsonFlag = False,
 ) -> None:
     """Build the lab (switch, bridges, vmf-wan), start the controller if none answers."""
-    with _progress(not as_json) as progress:
+    with steps(not as_json) as progress:
         result = _guarded(lambda: lifecycle.up(hosts, controller=controller, progress=progress))
     if as_json:
-        _print_json(result)
+        emit_json(result)
         return
     typer.echo(f"lab up: hosts {', '.join(result['hosts'])}")
     if "controller" in result:
@@ -107,10 +71,10 @@ def up(
 @app.command()
 def down(as_json: JsonFlag = False) -> None:
     """Remove every lab resource and stop what `lab up` started."""
-    with _progress(not as_json) as progress:
+    with steps(not as_json) as progress:
         result = _guarded(lambda: lifecycle.down(progress=progress))
     if as_json:
-        _print_json(result)
+        emit_json(result)
         return
     typer.echo(
         f"lab down: removed {len(result['vms'])} VMs, {len(result['networks'])} networks, "
@@ -124,7 +88,7 @@ def status(as_json: JsonFlag = False) -> None:
     """Show what the lab holds and whether each part runs."""
     result = _guarded(lifecycle.status)
     if as_json:
-        _print_json(result)
+        emit_json(result)
         return
     _show_status(result)
 
@@ -138,7 +102,7 @@ def exec_(
     """Run a command inside a lab VM; exit with its exit code (0 with --json)."""
     if as_json:
         done = _guarded(lambda: lifecycle.run_in_vm(vm, command))
-        _print_json(
+        emit_json(
             {
                 "vm": vm,
                 "command": command,
@@ -149,6 +113,31 @@ def exec_(
         )
         return
     raise typer.Exit(_guarded(lambda: lifecycle.exec_in_vm(vm, command)))
+
+
+@app.command()
+def demo(as_json: JsonFlag = False) -> None:
+    """Show IP presetting end to end: VMs on two hosts get exactly their preset IPs by DHCP."""
+    with steps(not as_json) as step, cli_errors():
+        outcomes = _guarded(lambda: run_demo(step))
+    if as_json:
+        emit_json([{**asdict(o), "matches": o.matches} for o in outcomes])
+    else:
+        table(
+            "Preset IP vs. the IP each VM's DHCP client got",
+            ["VM", "HOST", "MAC", "PRESET IP", "IP IN VM", "MATCH"],
+            [
+                [o.vm, o.host, o.mac, o.preset, o.in_vm or "(none)", "yes" if o.matches else "NO"]
+                for o in outcomes
+            ],
+        )
+        typer.echo(
+            "\nThe lab keeps running. Try: vmfabric vm list, vmfabric lab status,\n"
+            "  vmfabric lab exec web1 -- busybox ping -c1 203.0.113.1\n"
+            "Remove it with: vmfabric lab down"
+        )
+    if not all(o.matches for o in outcomes):
+        raise typer.Exit(1)
 
 
 def _show_status(result: dict[str, Any]) -> None:
@@ -173,9 +162,9 @@ def _show_status(result: dict[str, Any]) -> None:
             "yes" if process["alive"] else "no",
             process["netns"] or "-",
         )
-    for table in (vms, networks, processes):
-        if table.row_count:
-            console.print(table)
+    for view in (vms, networks, processes):
+        if view.row_count:
+            console.print(view)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vmfabric.cli.client import CliError
@@ -65,3 +66,30 @@ def run(as_json: bool, call: Callable[[], Any], human: Callable[[Any], None]) ->
     with cli_errors():
         document = call()
     show(as_json, document, human)
+
+
+@contextmanager
+def steps(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """Rich progress of a long operation's steps on a terminal; silent otherwise.
+
+    Yields `step(description)`: each call closes the previous step and starts the next.
+    """
+    if not enabled or not sys.stderr.isatty():
+        yield lambda _step: None
+        return
+    with Progress(
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        current: list[TaskID] = []
+
+        def step(description: str) -> None:
+            for task in current:
+                bar.update(task, total=1, completed=1)
+            current[:] = [bar.add_task(description, total=None)]
+
+        yield step
+        for task in current:
+            bar.update(task, total=1, completed=1)
