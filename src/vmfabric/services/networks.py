@@ -176,9 +176,7 @@ def _subnet_row(plan: SubnetPlan) -> Subnet:
 
 
 def _refuse_taken_cidrs(session: Session, plans: list[SubnetPlan]) -> None:
-    for existing, network_name in session.execute(
-        select(Subnet.cidr, Network.name).join(Network)
-    ):
+    for existing, network_name in session.execute(select(Subnet.cidr, Network.name).join(Network)):
         taken = parse_network(existing)
         for plan in plans:
             if plan.version == taken.version and plan.network.overlaps(taken):
