@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from vmfabric.domain.errors import Conflict, Exhausted, InvalidInput, Unavailable
 from vmfabric.domain.ipam import IPAddress, eui64_address, parse_address, parse_network
-from vmfabric.domain.model import DefinedVm, Ipv6Mode, NicSpec, VmSpec, VmState
+from vmfabric.domain.model import DefinedVm, Ipv6Mode, NicSpec, Reservation, VmSpec, VmState
 from vmfabric.domain.names import check_name, normalize_mac
 from vmfabric.hypervisor import Hypervisor, HypervisorError
 from vmfabric.process_identity import owner_alive
@@ -64,8 +64,8 @@ def create_vm(ctl: Controller, request: CreateVm) -> VmView:
     spec, hypervisor = transaction(lambda: _preset(ctl, request))
     try:
         defined = _call(hypervisor.define, spec)
-        transaction(lambda: _record_macs(ctl, request.name, defined))
-        _write_reservations(ctl, request.name)
+        reservations = transaction(lambda: _record_macs(ctl, request.name, defined))
+        _put_all(ctl, reservations)
         _call(hypervisor.start, request.name)
         return transaction(lambda: _set_state(ctl, request.name, VmState.RUNNING))
     except BaseException:
@@ -90,7 +90,7 @@ def _preset(ctl: Controller, request: CreateVm) -> tuple[VmSpec, Hypervisor]:
     with ctl.uow() as uow:
         session = uow.session
         host = repository.get_host(session, request.host)
-        if repository.find_vm(session, request.name) is not None:
+        if session.scalar(select(Vm.id).where(Vm.name == request.name)) is not None:
             raise Conflict(f"VM {request.name!r} already exists", vm=request.name)
         vm = Vm(
             name=request.name,
@@ -170,8 +170,9 @@ def _take_any(session: Session, network: Network, nic: Nic, subnets: list[Subnet
     )
 
 
-def _record_macs(ctl: Controller, name: str, defined: DefinedVm) -> None:
-    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply."""
+def _record_macs(ctl: Controller, name: str, defined: DefinedVm) -> list[Reservation]:
+    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply;
+    return the DHCP reservations they make."""
     with ctl.uow() as uow:
         vm = repository.get_vm(uow.session, name)
         if len(defined.macs) != len(vm.nics):
@@ -182,6 +183,7 @@ def _record_macs(ctl: Controller, name: str, defined: DefinedVm) -> None:
             nic.mac = normalize_mac(mac)
             _claim_slaac(uow.session, nic)
         uow.commit()
+        return _reservations(vm)
 
 
 def _claim_slaac(session: Session, nic: Nic) -> None:
@@ -194,13 +196,20 @@ def _claim_slaac(session: Session, nic: Nic) -> None:
         allocator.assign(session, subnet, nic, int(address))
 
 
-def _write_reservations(ctl: Controller, name: str) -> None:
+def _reservations(vm: Vm) -> list[Reservation]:
+    return [r for r in (reservation_of(n) for n in vm.nics) if r is not None]
+
+
+def _put_all(ctl: Controller, reservations: list[Reservation]) -> None:
     """Step 4: the DHCP server learns MAC -> address for every NIC of the VM."""
-    with ctl.uow() as uow:
-        reservations = [reservation_of(n) for n in repository.get_vm(uow.session, name).nics]
     for reservation in reservations:
-        if reservation is not None:
-            ctl.dhcp.put(reservation)
+        ctl.dhcp.put(reservation)
+
+
+def _write_reservations(ctl: Controller, name: str) -> None:
+    with ctl.uow() as uow:
+        reservations = _reservations(repository.get_vm(uow.session, name))
+    _put_all(ctl, reservations)
 
 
 def _set_state(ctl: Controller, name: str, state: VmState) -> VmView:

@@ -33,8 +33,12 @@ def seed_free_ranges(session: Session, subnet: Subnet, ranges: list[AddressRange
 
 
 def lock_subnet(session: Session, subnet: Subnet) -> None:
-    """Serialize allocation in one subnet on databases with row locks."""
-    session.execute(select(Subnet.id).where(Subnet.id == subnet.id).with_for_update())
+    """Serialize allocation in one subnet on databases with row locks.
+
+    SQLite has none to take: its write transactions already hold the database lock.
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        session.execute(select(Subnet.id).where(Subnet.id == subnet.id).with_for_update())
 
 
 def take_lowest(session: Session, subnet: Subnet) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from vmfabric.domain.errors import NotFound
 from vmfabric.store.tables import Allocation, Host, Network, Nic, Subnet, Vm
@@ -74,7 +74,7 @@ def network_nics(session: Session, network_id: int) -> Sequence[Nic]:
 
 def _vm_query() -> Select[Vm]:
     return select(Vm).options(
-        selectinload(Vm.host),
-        selectinload(Vm.nics).selectinload(Nic.network).selectinload(Network.subnets),
-        selectinload(Vm.nics).selectinload(Nic.addresses).selectinload(Allocation.subnet),
+        joinedload(Vm.host),
+        selectinload(Vm.nics).joinedload(Nic.network),
+        selectinload(Vm.nics).selectinload(Nic.addresses).joinedload(Allocation.subnet),
     )
