@@ -206,3 +206,12 @@ def test_openapi_and_metrics(api: TestClient) -> None:
     metrics = api.get("/metrics").text
     assert 'vmfabric_subnet_addresses_used{cidr="10.0.0.0/24",network="net1"} 1.0' in metrics
     assert 'vmfabric_vm_operations_total{operation="create",outcome="ok"}' in metrics
+
+
+def test_host_list_counts_vms(api: TestClient) -> None:
+    setup_cloud(api)
+    create(api, "a", host="hv2")
+    hosts = {h["name"]: h["vms"] for h in api.get("/api/v1/hosts").json()}
+    assert hosts == {"hv1": 0, "hv2": 1}
+    duplicate = {"name": "hv1", "driver": "noop", "bridge": "x"}
+    assert api.post("/api/v1/hosts", json=duplicate).status_code == 409

@@ -15,7 +15,9 @@ from rich.table import Table
 
 from vmfabric.cli.client import CliError
 
-console = Console()
+# No emoji codes (":100:" in "fd00:100::" is not an emoji) and no markup in our data; full
+# width when the output goes to a file or a pipe, so nothing is cut.
+console = Console(emoji=False, markup=False, width=None if sys.stdout.isatty() else 200)
 
 JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")
@@ -29,7 +31,7 @@ def emit_json(document: object) -> None:
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A Rich table of rows."""
-    view = Table(title=title, title_justify="left")
+    view = Table(title=title, title_justify="left", highlight=False)
     for column in columns:
         view.add_column(column)
     for row in rows:

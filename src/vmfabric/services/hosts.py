@@ -41,7 +41,12 @@ def register_host(
 def list_hosts(ctl: Controller) -> list[HostView]:
     """Every host with the number of its VMs."""
     with ctl.uow() as uow:
-        counts = dict(uow.session.execute(select(Vm.host_id, func.count()).group_by(Vm.host_id)))
+        counts: dict[int, int] = {
+            host_id: count
+            for host_id, count in uow.session.execute(
+                select(Vm.host_id, func.count()).group_by(Vm.host_id)
+            )
+        }
         return [host_view(h, counts.get(h.id, 0)) for h in repository.list_hosts(uow.session)]
 
 
