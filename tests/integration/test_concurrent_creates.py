@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import httpx
@@ -147,7 +147,9 @@ def test_sigkill_in_the_middle_of_creates_leaks_nothing(state: Path) -> None:
         prepare(controller.url)
         with ThreadPoolExecutor(max_workers=20) as pool:
             futures = [pool.submit(create, controller.url, f"vm{i}") for i in range(120)]
-            time.sleep(0.5)
+            finished = as_completed(futures)
+            for _ in range(10):
+                next(finished)
             controller.kill()
             outcomes = []
             for future in futures:
