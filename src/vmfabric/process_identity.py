@@ -10,16 +10,19 @@ import os
 import socket
 from pathlib import Path
 
-_STARTTIME_FIELD = 19  # field 22 of /proc/PID/stat, counted after the ")" that ends comm
+_STATE_FIELD = 0  # field 3 of /proc/PID/stat, counted after the ")" that ends comm
+_STARTTIME_FIELD = 19  # field 22
 
 
 def start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` in clock ticks, or None if no such process."""
+    """When `pid` started, in clock ticks since boot; None when it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[_STATE_FIELD] in {"Z", "X"}:
+        return None
     return int(fields[_STARTTIME_FIELD])
 
 

@@ -13,6 +13,7 @@ import pytest
 from vmfabric.lab import proc
 from vmfabric.lab.errors import CommandError
 from vmfabric.lab.state import ProcessRecord
+from vmfabric.process_identity import start_time
 
 
 @pytest.fixture
@@ -24,26 +25,26 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_start_time_names_a_live_process() -> None:
-    assert proc.start_time(os.getpid()) is not None
-    assert proc.start_time(2**22 + 1) is None
+    assert start_time(os.getpid()) is not None
+    assert start_time(2**22 + 1) is None
 
 
 def test_a_zombie_counts_as_ended() -> None:
     child = subprocess.Popen(["true"])
-    proc.wait_until(lambda: proc.start_time(child.pid) is None, timeout=5)
-    assert proc.start_time(child.pid) is None
+    proc.wait_until(lambda: start_time(child.pid) is None, timeout=5)
+    assert start_time(child.pid) is None
     child.wait()
 
 
 def test_recorded_pid_with_its_start_time_is_ours(sleeper: subprocess.Popen[bytes]) -> None:
     record = ProcessRecord(
-        name="vmf-s", argv=["sleep"], pid=sleeper.pid, start_time=proc.start_time(sleeper.pid)
+        name="vmf-s", argv=["sleep"], pid=sleeper.pid, start_time=start_time(sleeper.pid)
     )
     assert proc.live_pid(record) == sleeper.pid
 
 
 def test_a_reused_pid_is_never_stopped(sleeper: subprocess.Popen[bytes]) -> None:
-    started = proc.start_time(sleeper.pid)
+    started = start_time(sleeper.pid)
     assert started is not None
     record = ProcessRecord(name="vmf-s", argv=["sleep"], pid=sleeper.pid, start_time=started - 1)
     assert not proc.is_alive(record)

@@ -14,8 +14,9 @@ from pathlib import Path
 from vmfabric.lab import proc
 from vmfabric.lab.errors import LabError
 from vmfabric.lab.netns import link_exists
-from vmfabric.lab.proc import is_alive, live_pid, log_tail, run, start_time
+from vmfabric.lab.proc import is_alive, live_pid, log_tail, run
 from vmfabric.lab.state import LabState, ProcessRecord, Record, lab_dir
+from vmfabric.process_identity import start_time
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 OVSDB = "vmf-ovsdb-server"

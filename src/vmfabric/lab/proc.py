@@ -23,9 +23,8 @@ from pathlib import Path
 
 from vmfabric.lab.errors import CommandError, LabError
 from vmfabric.lab.state import ProcessRecord
+from vmfabric.process_identity import start_time
 
-_STARTTIME_FIELD = 19  # field 22 of /proc/PID/stat, counted after the ")" closing comm
-_STATE_FIELD = 0  # field 3
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -61,18 +60,6 @@ def run(
     if check and done.returncode != 0:
         raise CommandError(full, done.returncode, done.stderr)
     return done
-
-
-def start_time(pid: int) -> int | None:
-    """When `pid` started, in clock ticks since boot; None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[_STATE_FIELD] in ("Z", "X"):
-        return None
-    return int(fields[_STARTTIME_FIELD])
 
 
 def command_line(pid: int) -> list[str]:

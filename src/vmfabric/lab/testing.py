@@ -34,8 +34,9 @@ from vmfabric.lab import lifecycle
 from vmfabric.lab.controller import HOSTS_PATH, INFO_PATH
 from vmfabric.lab.fabric import LabFabric
 from vmfabric.lab.names import host_bridge
-from vmfabric.lab.proc import command_line, run, start_time, wait_until
+from vmfabric.lab.proc import command_line, run, wait_until
 from vmfabric.lab.state import LabState, LabStore
+from vmfabric.process_identity import start_time
 
 
 @contextmanager
