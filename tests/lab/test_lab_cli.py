@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +13,12 @@ import pytest
 
 from vmfabric.domain.model import NicSpec, VmSpec
 from vmfabric.hypervisor.lab import LabHypervisor
-from vmfabric.lab import lifecycle
-from vmfabric.lab.testing import FakeController, state_dir_env
+from vmfabric.lab.testing import FakeController
 
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
 ]
-
-
-@pytest.fixture
-def state() -> Iterator[Path]:
-    with state_dir_env() as root:
-        try:
-            yield root
-        finally:
-            lifecycle.down()
 
 
 def lab_cli(*args: str, url: str = "http://127.0.0.1:9") -> subprocess.CompletedProcess[str]:

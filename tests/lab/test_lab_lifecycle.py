@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,15 +44,6 @@ for n in range(3):
     vms = {f"v{n}a": ("hv1", f"10.9{n}.0.10"), f"v{n}b": ("hv2", f"10.9{n}.0.11")}
     boot(network, placement, vms)
 """
-
-
-@pytest.fixture
-def state() -> Iterator[Path]:
-    with state_dir_env() as root:
-        try:
-            yield root
-        finally:
-            lifecycle.down()
 
 
 def lab_pids(state: LabState) -> set[tuple[int, int]]:

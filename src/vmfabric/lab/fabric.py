@@ -127,36 +127,55 @@ def _addresses(net: NetworkRecord, pick: Callable[[SubnetRecord], str | None]) -
 
 
 def _build_router(record: Record, net: NetworkRecord) -> None:
-    make_netns(record, net.router_netns)
-    plug(
-        record,
-        bridge=FABRIC_BRIDGE,
-        port=net.router_port,
-        netns=net.router_netns,
-        ifname=ROUTER_LAN_IF,
-        vlan=net.vlan,
-        owner=f"network {net.name} router",
-    )
-    set_link(ROUTER_LAN_IF, up=True, netns=net.router_netns)
     gateways = _addresses(net, lambda s: s.gateway)
-    sync_addresses(ROUTER_LAN_IF, net.router_netns, gateways)
+    _attach(
+        record,
+        net,
+        netns=net.router_netns,
+        port=net.router_port,
+        ifname=ROUTER_LAN_IF,
+        role="router",
+        addresses=gateways,
+    )
     enable_forwarding(net.router_netns)
 
 
 def _build_dhcp(record: Record, net: NetworkRecord) -> None:
-    make_netns(record, net.dhcp_netns)
+    servers = _addresses(net, lambda s: s.dhcp_server)
+    _attach(
+        record,
+        net,
+        netns=net.dhcp_netns,
+        port=net.dhcp_port,
+        ifname=DHCP_IF,
+        role="DHCP",
+        addresses=servers,
+    )
+
+
+def _attach(
+    record: Record,
+    net: NetworkRecord,
+    *,
+    netns: str,
+    port: str,
+    ifname: str,
+    role: str,
+    addresses: set[str],
+) -> None:
+    """A namespace of the network with an access port on the fabric bridge in its VLAN."""
+    make_netns(record, netns)
     plug(
         record,
         bridge=FABRIC_BRIDGE,
-        port=net.dhcp_port,
-        netns=net.dhcp_netns,
-        ifname=DHCP_IF,
+        port=port,
+        netns=netns,
+        ifname=ifname,
         vlan=net.vlan,
-        owner=f"network {net.name} DHCP",
+        owner=f"network {net.name} {role}",
     )
-    set_link(DHCP_IF, up=True, netns=net.dhcp_netns)
-    servers = _addresses(net, lambda s: s.dhcp_server)
-    sync_addresses(DHCP_IF, net.dhcp_netns, servers)
+    set_link(ifname, up=True, netns=netns)
+    sync_addresses(ifname, netns, addresses)
 
 
 def _build_wan_link(record: Record, net: NetworkRecord, index: int) -> None:
