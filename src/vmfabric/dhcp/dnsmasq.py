@@ -61,6 +61,7 @@ from vmfabric.domain.model import (
     NetworkInfo,
     Reservation,
 )
+from vmfabric.domain.names import check_name, normalize_mac
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +88,9 @@ DHCP_SERVER_PORT = 67
 DHCP_MAGIC = bytes((99, 130, 83, 99))
 DHCPRELEASE = 7
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOST_FILE = re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 
 T = TypeVar("T")
-
-
-def check_label(name: str, what: str) -> str:
-    """Names become paths and dnsmasq arguments, so only DNS labels get through."""
-    if not _LABEL.match(name):
-        raise ValueError(f"{what} {name!r} is not a DNS label ([a-z0-9-], 1-63 characters)")
-    return name
-
-
-def normalize_mac(mac: str) -> str:
-    """One spelling per MAC, so a file name and a lease line compare equal."""
-    normal = mac.strip().lower().replace("-", ":")
-    if not _MAC.match(normal):
-        raise ValueError(f"{mac!r} is not an Ethernet MAC address")
-    return normal
 
 
 def host_file_name(mac: str) -> str:
@@ -121,7 +105,7 @@ def host_line(reservation: Reservation) -> str:
         parts.append(str(ipaddress.IPv4Address(reservation.ipv4)))
     if reservation.ipv6:
         parts.append(f"[{ipaddress.IPv6Address(reservation.ipv6)}]")
-    parts.append(check_label(reservation.hostname, "hostname"))
+    parts.append(check_name("hostname", reservation.hostname))
     return ",".join(parts) + "\n"
 
 
@@ -505,7 +489,7 @@ class DnsmasqServer:
 
     def files(self, network: str) -> NetworkFiles:
         """The network's directory layout (for the controller's lease reconcile and for tests)."""
-        return NetworkFiles(self.base_dir / check_label(network, "network name"))
+        return NetworkFiles(self.base_dir / check_name("network", network))
 
     # --- servers -------------------------------------------------------------------------
 

@@ -19,8 +19,11 @@ class VmfabricError(Exception):
         self.extra = extra
 
 
-class InvalidInput(VmfabricError):
-    """The request itself is wrong (a bad name, an address outside the subnet, ...)."""
+class InvalidInput(VmfabricError, ValueError):
+    """The request itself is wrong (a bad name, an address outside the subnet, ...).
+
+    Also a ValueError, so code that checks values with the domain rules can catch it as one.
+    """
 
     status = 400
     title = "Invalid input"
