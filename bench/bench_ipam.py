@@ -19,7 +19,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmfabric.domain.ipam import AddressRange, address_key, plan_subnet
-from vmfabric.store import allocator
+from vmfabric.store import allocator, repository
 from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.tables import Allocation, Host, Network, Nic, Subnet, Vm
 
@@ -47,7 +47,7 @@ def build(sessions: sessionmaker[Session], full: bool) -> int:
         if full:
             _fill(session, host.id, network.id, subnet, usable)
         else:
-            allocator.seed_free_ranges(session, subnet, [usable])
+            allocator.seed_free_ranges(session.connection(), subnet.id, [usable])
         return subnet.id
 
 
@@ -83,7 +83,7 @@ def _fill(
             for i, v in enumerate(taken)
         ],
     )
-    allocator.seed_free_ranges(session, subnet, free)
+    allocator.seed_free_ranges(session.connection(), subnet.id, free)
     subnet.used = len(taken)
 
 
@@ -98,13 +98,14 @@ def measure(sessions: sessionmaker[Session], subnet_id: int) -> list[float]:
     for index in range(SAMPLES):
         started = time.perf_counter()
         with sessions.begin() as session:
-            subnet = session.get_one(Subnet, subnet_id)
-            nic = Nic(vm_id=vm_id, network_id=network_id, position=index + 1)
-            session.add(nic)
-            allocator.lock_subnet(session, subnet)
-            value = allocator.take_lowest(session, subnet)
+            conn = session.connection()
+            nic_id = repository.insert_row(
+                conn, insert(Nic).values(vm_id=vm_id, network_id=network_id, position=index + 1)
+            )
+            allocator.lock_subnet(conn, subnet_id)
+            value = allocator.take_lowest(conn, subnet_id)
             assert value is not None
-            allocator.assign(session, subnet, nic, value)
+            allocator.assign(conn, subnet_id, 4, nic_id, value)
         timings.append(time.perf_counter() - started)
     return timings
 

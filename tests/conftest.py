@@ -14,6 +14,7 @@ from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.process_identity import current_owner
 from vmfabric.services.context import Controller
 from vmfabric.store.engine import migrate, open_engine, session_factory
+from vmfabric.store.group_commit import GroupCommitter
 
 
 @pytest.fixture
@@ -38,9 +39,10 @@ def controller(state: Path) -> Iterator[Controller]:
         dhcp=dhcp,
         fabric=None,
         owner=current_owner(),
+        writes=GroupCommitter(engine),
     )
     yield ctl
-    dhcp.close()
+    ctl.close()
     engine.dispose()
 
 

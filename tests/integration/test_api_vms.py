@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from vmfabric.services.context import Controller
+from vmfabric.domain.model import DefinedVm, VmSpec
+from vmfabric.hypervisor import Hypervisor
+from vmfabric.hypervisor.noop import NoopHypervisor
+from vmfabric.services.context import Controller, HostRef
 
 
 def setup_cloud(api: TestClient, cidrs: list[str] | None = None, **network: Any) -> None:
@@ -215,3 +219,58 @@ def test_host_list_counts_vms(api: TestClient) -> None:
     assert hosts == {"hv1": 0, "hv2": 1}
     duplicate = {"name": "hv1", "driver": "noop", "bridge": "x"}
     assert api.post("/api/v1/hosts", json=duplicate).status_code == 409
+
+
+class CollidingHypervisor(NoopHypervisor):
+    """Chooses `taken` as the MAC of the first `times` VMs it defines, as hosts now and then do."""
+
+    def __init__(self, taken: str, times: int) -> None:
+        super().__init__()
+        self.taken, self.times, self.defines = taken, times, 0
+
+    def define(self, spec: VmSpec) -> DefinedVm:
+        self.defines += 1
+        if self.defines <= self.times:
+            pinned = tuple(replace(nic, mac=self.taken) for nic in spec.nics)
+            return super().define(replace(spec, nics=pinned))
+        return super().define(spec)
+
+
+def colliding_host(controller: Controller, api: TestClient, times: int) -> CollidingHypervisor:
+    setup_cloud(api)
+    taken = create(api, "first").json()["nics"][0]["mac"]
+    hypervisor = CollidingHypervisor(taken, times)
+    controller.agents = FixedAgents(hypervisor)
+    return hypervisor
+
+
+@dataclass
+class FixedAgents:
+    hypervisor_of_every_host: Hypervisor
+
+    def hypervisor(self, host: HostRef) -> Hypervisor:
+        return self.hypervisor_of_every_host
+
+
+def test_a_mac_already_in_use_makes_the_host_define_the_vm_again(
+    api: TestClient, controller: Controller
+) -> None:
+    hypervisor = colliding_host(controller, api, times=1)
+    response = create(api, "second")
+    assert response.status_code == 201, response.text
+    macs = [vm["nics"][0]["mac"] for vm in api.get("/api/v1/vms").json()]
+    assert len(set(macs)) == 2
+    assert hypervisor.defines == 2
+    assert [vm.name for vm in hypervisor.list_vms()] == ["second"]
+
+
+def test_a_host_that_keeps_choosing_taken_macs_gets_a_conflict_and_nothing_stays(
+    api: TestClient, controller: Controller
+) -> None:
+    hypervisor = colliding_host(controller, api, times=99)
+    before = snapshot(api)
+    response = create(api, "second")
+    assert response.status_code == 409
+    assert "MACs already in use" in response.json()["detail"]
+    assert snapshot(api) == before
+    assert hypervisor.list_vms() == []

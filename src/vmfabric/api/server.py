@@ -22,6 +22,7 @@ from vmfabric.services.context import Controller
 from vmfabric.services.leases import record_lease_event
 from vmfabric.services.reconcile import reconcile
 from vmfabric.store.engine import migrate, open_engine, session_factory
+from vmfabric.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def build_controller(db_url: str, lab: bool) -> Controller:
         dhcp=DnsmasqServer(),
         fabric=fabric,
         owner=current_owner(),
+        writes=GroupCommitter(engine),
     )
 
 
@@ -73,7 +75,7 @@ def _lease_listener(ctl: Controller) -> Callable[[], Callable[[], None]]:
 
         def stop() -> None:
             listener.close()
-            ctl.dhcp.close()
+            ctl.close()
 
         return stop
 

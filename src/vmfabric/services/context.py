@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from vmfabric.dhcp import DhcpServer
 from vmfabric.fabric import Fabric
 from vmfabric.hypervisor import Hypervisor
+from vmfabric.store.group_commit import RETRYING, GroupCommitter
 from vmfabric.store.unit_of_work import UnitOfWork
 
 T = TypeVar("T")
@@ -46,11 +45,17 @@ class Controller:
     dhcp: DhcpServer
     fabric: Fabric | None
     owner: str
+    writes: GroupCommitter
     create_claim: timedelta = timedelta(seconds=120)
 
     def uow(self) -> UnitOfWork:
         """A new unit of work (one transaction)."""
         return UnitOfWork(self.sessions)
+
+    def close(self) -> None:
+        """Stop the background work (DHCP coalescing, the database writer)."""
+        self.dhcp.close()
+        self.writes.close()
 
 
 def transaction(function: Callable[[], T]) -> T:
@@ -60,10 +65,4 @@ def transaction(function: Callable[[], T]) -> T:
     or address; a violation aborts the transaction and the retry sees the winner's commit and
     answers with a clear Conflict.
     """
-    retrying = retry(
-        retry=retry_if_exception_type((IntegrityError, OperationalError)),
-        stop=stop_after_attempt(5),
-        wait=wait_random_exponential(multiplier=0.01, max=0.5),
-        reraise=True,
-    )
-    return retrying(function)()
+    return RETRYING(function)

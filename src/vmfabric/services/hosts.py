@@ -9,6 +9,7 @@ from vmfabric.domain.names import check_name
 from vmfabric.services.context import Controller, HostRef, transaction
 from vmfabric.services.views import HostView, host_view
 from vmfabric.store import repository
+from vmfabric.store.repository import HostRecord
 from vmfabric.store.tables import Host, Vm
 
 DRIVERS = ("lab", "libvirt", "noop")
@@ -50,6 +51,6 @@ def list_hosts(ctl: Controller) -> list[HostView]:
         return [host_view(h, counts.get(h.id, 0)) for h in repository.list_hosts(uow.session)]
 
 
-def host_ref(host: Host) -> HostRef:
+def host_ref(host: Host | HostRecord) -> HostRef:
     """How the agents find a stored host."""
     return HostRef(host.name, host.driver, host.uri, host.bridge)

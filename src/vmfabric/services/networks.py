@@ -11,11 +11,9 @@ from sqlalchemy.orm import Session
 
 from vmfabric.domain.errors import Conflict, InvalidInput, Unavailable
 from vmfabric.domain.ipam import (
-    AddressRange,
     IPAddress,
     SubnetPlan,
     address_key,
-    key_value,
     parse_address,
     parse_network,
     parse_range,
@@ -31,6 +29,7 @@ from vmfabric.domain.names import check_name
 from vmfabric.services.context import Controller, transaction
 from vmfabric.services.views import NetworkView, network_view, reservation_of
 from vmfabric.store import allocator, repository
+from vmfabric.store.repository import SubnetRecord
 from vmfabric.store.tables import Network, Nic, ReservedRange, Subnet
 
 _FIRST_VLAN = 100
@@ -94,15 +93,13 @@ def _refuse_strays(
             raise InvalidInput(f"{what} {shown} is not inside any --cidr of the network")
 
 
-def plan_of(subnet: Subnet) -> SubnetPlan:
+def plan_of(subnet: SubnetRecord) -> SubnetPlan:
     """The rules of a stored subnet, to check an address against them."""
     return SubnetPlan(
         network=parse_network(subnet.cidr),
         gateway=ipaddress.ip_address(subnet.gateway) if subnet.gateway else None,
         dhcp_server=ipaddress.ip_address(subnet.dhcp_server) if subnet.dhcp_server else None,
-        reserved=tuple(
-            AddressRange(key_value(r.first_key), key_value(r.last_key)) for r in subnet.reserved
-        ),
+        reserved=subnet.reserved,
         ipv6_mode=Ipv6Mode(subnet.ipv6_mode) if subnet.ipv6_mode else None,
     )
 
@@ -154,7 +151,7 @@ def _store_network(
             network.subnets.append(_subnet_row(plan))
         session.flush()
         for subnet, plan in zip(network.subnets, plans, strict=True):
-            allocator.seed_free_ranges(session, subnet, plan.initial_free())
+            allocator.seed_free_ranges(uow.connection, subnet.id, plan.initial_free())
         uow.commit()
         return network_info(network), network_view(network)
 

@@ -6,11 +6,12 @@ never rename them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from vmfabric.domain.ipam import AddressRange, address_text, key_value
-from vmfabric.domain.model import Reservation
+from vmfabric.domain.model import Ipv6Mode, Reservation
 from vmfabric.store.tables import Host, Network, Nic, Subnet, Vm
 
 
@@ -108,18 +109,41 @@ def network_view(network: Network) -> NetworkView:
     )
 
 
-def nic_view(nic: Nic) -> NicView:
-    """The view of a stored NIC; gateways are those of the subnets its addresses are in."""
-    by_version = {a.version: a for a in nic.addresses}
+@dataclass(frozen=True)
+class HeldAddress:
+    """An address a NIC holds, with what its subnet says about it."""
+
+    version: int
+    address: str
+    gateway: str | None
+    ipv6_mode: str | None
+
+
+def held_addresses(nic: Nic) -> list[HeldAddress]:
+    """The addresses of a stored NIC."""
+    return [
+        HeldAddress(a.version, a.address, a.subnet.gateway, a.subnet.ipv6_mode)
+        for a in nic.addresses
+    ]
+
+
+def nic_view_of(network: str, mac: str | None, held: Sequence[HeldAddress]) -> NicView:
+    """A NIC's view; gateways are those of the subnets its addresses are in."""
+    by_version = {a.version: a for a in held}
     v4, v6 = by_version.get(4), by_version.get(6)
     return NicView(
-        network=nic.network.name,
-        mac=nic.mac,
+        network=network,
+        mac=mac,
         ipv4=v4.address if v4 else None,
         ipv6=v6.address if v6 else None,
-        gateway=v4.subnet.gateway if v4 else None,
-        gateway6=v6.subnet.gateway if v6 else None,
+        gateway=v4.gateway if v4 else None,
+        gateway6=v6.gateway if v6 else None,
     )
+
+
+def nic_view(nic: Nic) -> NicView:
+    """The view of a stored NIC."""
+    return nic_view_of(nic.network.name, nic.mac, held_addresses(nic))
 
 
 def vm_view(vm: Vm) -> VmView:
@@ -129,16 +153,23 @@ def vm_view(vm: Vm) -> VmView:
     )
 
 
-def reservation_of(nic: Nic) -> Reservation | None:
+def reservation_for(
+    network: str, mac: str, hostname: str, held: Sequence[HeldAddress]
+) -> Reservation:
     """The DHCP reservation a NIC needs: its IPv4 and its DHCPv6 address, by its MAC."""
-    if nic.mac is None:
-        return None
-    view = nic_view(nic)
-    dhcpv6 = any(a.version == 6 and a.subnet.ipv6_mode == "dhcpv6" for a in nic.addresses)
+    view = nic_view_of(network, mac, held)
+    dhcpv6 = any(a.version == 6 and a.ipv6_mode == Ipv6Mode.DHCPV6.value for a in held)
     return Reservation(
-        network=nic.network.name,
-        mac=nic.mac,
-        hostname=nic.vm.name,
+        network=network,
+        mac=mac,
+        hostname=hostname,
         ipv4=view.ipv4,
         ipv6=view.ipv6 if dhcpv6 else None,
     )
+
+
+def reservation_of(nic: Nic) -> Reservation | None:
+    """The reservation of a stored NIC; none before the hypervisor gave it a MAC."""
+    if nic.mac is None:
+        return None
+    return reservation_for(nic.network.name, nic.mac, nic.vm.name, held_addresses(nic))

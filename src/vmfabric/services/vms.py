@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import ParamSpec, TypeVar
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, delete, select, update
 
 from vmfabric.domain.errors import Conflict, Exhausted, InvalidInput, Unavailable
-from vmfabric.domain.ipam import IPAddress, eui64_address, parse_address, parse_network
+from vmfabric.domain.ipam import IPAddress, eui64_address, key_value, parse_address, parse_network
 from vmfabric.domain.model import DefinedVm, Ipv6Mode, NicSpec, Reservation, VmSpec, VmState
 from vmfabric.domain.names import check_name, normalize_mac
 from vmfabric.hypervisor import Hypervisor, HypervisorError
@@ -29,15 +29,37 @@ from vmfabric.process_identity import owner_alive
 from vmfabric.services.context import Controller, transaction
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.networks import plan_of
-from vmfabric.services.views import VmView, reservation_of, vm_view
+from vmfabric.services.views import (
+    HeldAddress,
+    VmView,
+    nic_view_of,
+    reservation_for,
+    reservation_of,
+    vm_view,
+)
 from vmfabric.store import allocator, repository
-from vmfabric.store.tables import Allocation, Network, Nic, Subnet, Vm
+from vmfabric.store.repository import HostRecord, NetworkRecord, SubnetRecord
+from vmfabric.store.tables import Allocation, Nic, Vm, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
 DEFAULT_IMAGE = "debian12"
+DEFINE_ATTEMPTS = 3
+
+_SET_MAC = update(Nic).where(Nic.id == bindparam("nic_id")).values(mac=bindparam("new_mac"))
+_MAC_HOLDER = (
+    select(Nic.mac, Vm.name)
+    .join(Vm, Vm.id == Nic.vm_id)
+    .where(Nic.mac.in_(bindparam("macs", expanding=True)), Nic.vm_id != bindparam("vm_id"))
+    .limit(1)
+)
+_SET_STATE = (
+    update(Vm)
+    .where(Vm.name == bindparam("vm_name"))
+    .values(state=bindparam("new_state"), owner=None, claim_expires=None)
+)
 
 
 @dataclass(frozen=True)
@@ -58,19 +80,52 @@ class CreateVm:
     image: str = DEFAULT_IMAGE
 
 
+@dataclass(frozen=True)
+class _PresetNic:
+    """A NIC as the create saga knows it: its row, its network, what it holds."""
+
+    id: int
+    network: NetworkRecord
+    held: tuple[HeldAddress, ...]
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class _Preset:
+    """What step 1 stored, kept in memory for the rest of the saga and its answer."""
+
+    vm_id: int
+    host: HostRecord
+    created_at: datetime
+    nics: tuple[_PresetNic, ...]
+
+
 def create_vm(ctl: Controller, request: CreateVm) -> VmView:
-    """Create a VM whose NICs get exactly the preset addresses from DHCP."""
+    """Create a VM whose NICs get exactly the preset addresses from DHCP.
+
+    It is the hot path of the controller, so its transactions are Core statements and its
+    answer is built from what it wrote, not read back.
+    """
     _check_request(request)
-    spec, hypervisor = transaction(lambda: _preset(ctl, request))
+    preset = ctl.writes.run(partial(_preset, ctl, request))
+    hypervisor = ctl.agents.hypervisor(host_ref(preset.host))
     try:
-        defined = _call(hypervisor.define, spec)
-        reservations = transaction(lambda: _record_macs(ctl, request.name, defined))
-        _put_all(ctl, reservations)
+        nics = _define(ctl, hypervisor, request, preset)
+        _put_all(ctl, [_reservation(request.name, n) for n in nics])
         _call(hypervisor.start, request.name)
-        return transaction(lambda: _set_state(ctl, request.name, VmState.RUNNING))
+        _set_state(ctl, request.name, VmState.RUNNING)
     except BaseException:
         _undo_create(ctl, request.name, hypervisor)
         raise
+    views = [nic_view_of(n.network.name, n.mac, n.held) for n in nics]
+    return VmView(
+        request.name,
+        preset.host.name,
+        request.image,
+        VmState.RUNNING.value,
+        views,
+        preset.created_at,
+    )
 
 
 def _check_request(request: CreateVm) -> None:
@@ -85,49 +140,63 @@ def _check_request(request: CreateVm) -> None:
             parse_address(nic.address)
 
 
-def _preset(ctl: Controller, request: CreateVm) -> tuple[VmSpec, Hypervisor]:
+def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
     """Step 1 of the patent: fix every NIC's address before the VM exists."""
-    with ctl.uow() as uow:
-        session = uow.session
-        host = repository.get_host(session, request.host)
-        if session.scalar(select(Vm.id).where(Vm.name == request.name)) is not None:
-            raise Conflict(f"VM {request.name!r} already exists", vm=request.name)
-        vm = Vm(
-            name=request.name,
-            host=host,
-            image=request.image,
-            state=VmState.CREATING.value,
-            owner=ctl.owner,
-            claim_expires=datetime.now(UTC) + ctl.create_claim,
+    host = repository.host_record(conn, request.host)
+    if repository.vm_id(conn, request.name) is not None:
+        raise Conflict(f"VM {request.name!r} already exists", vm=request.name)
+    created = utcnow()
+    vm_id = repository.insert_row(
+        conn,
+        Vm,
+        {
+            "name": request.name,
+            "host_id": host.id,
+            "image": request.image,
+            "state": VmState.CREATING.value,
+            "owner": ctl.owner,
+            "claim_expires": created + ctl.create_claim,
+            "created_at": created,
+        },
+    )
+    nics = []
+    for position, nic_request in enumerate(request.nics):
+        network = repository.network_record(conn, nic_request.network)
+        nic_id = repository.insert_row(
+            conn, Nic, {"vm_id": vm_id, "network_id": network.id, "position": position}
         )
-        session.add(vm)
-        nics = []
-        for position, nic_request in enumerate(request.nics):
-            network = repository.get_network(session, nic_request.network)
-            nic = Nic(vm=vm, network=network, position=position)
-            session.add(nic)
-            _preset_addresses(session, network, nic, nic_request.address)
-            nics.append(NicSpec(network.name, host.bridge, network.vlan))
-        uow.commit()
-        spec = VmSpec(name=request.name, image=request.image, nics=tuple(nics))
-        return spec, ctl.agents.hypervisor(host_ref(host))
+        held = _preset_addresses(conn, network, nic_id, nic_request.address)
+        nics.append(_PresetNic(nic_id, network, held))
+    return _Preset(vm_id, host, created, tuple(nics))
 
 
-def _preset_addresses(session: Session, network: Network, nic: Nic, wanted: str | None) -> None:
+def _spec(request: CreateVm, preset: _Preset) -> VmSpec:
+    """What the hypervisor is asked to define: one port per NIC on the host's bridge."""
+    nics = tuple(NicSpec(n.network.name, preset.host.bridge, n.network.vlan) for n in preset.nics)
+    return VmSpec(name=request.name, image=request.image, nics=nics)
+
+
+def _preset_addresses(
+    conn: Connection, network: NetworkRecord, nic_id: int, wanted: str | None
+) -> tuple[HeldAddress, ...]:
     """Give the NIC the wanted address and a free one of every other family it needs."""
-    done: set[int] = set()
+    held = []
     if wanted is not None:
-        address = parse_address(wanted)
-        _take_named(session, network, nic, address)
-        done.add(address.version)
-    for version in sorted({s.version for s in network.subnets} - done):
+        held.append(_take_named(conn, network, nic_id, parse_address(wanted)))
+    for version in sorted({s.version for s in network.subnets} - {a.version for a in held}):
         subnets = [s for s in network.subnets if s.version == version]
-        if any(s.ipv6_mode == Ipv6Mode.SLAAC.value for s in subnets):
-            continue
-        _take_any(session, network, nic, subnets)
+        if not any(s.ipv6_mode == Ipv6Mode.SLAAC.value for s in subnets):
+            held.append(_take_any(conn, network, nic_id, subnets))
+    return tuple(held)
 
 
-def _take_named(session: Session, network: Network, nic: Nic, address: IPAddress) -> None:
+def _held(subnet: SubnetRecord, address: str) -> HeldAddress:
+    return HeldAddress(subnet.version, address, subnet.gateway, subnet.ipv6_mode)
+
+
+def _take_named(
+    conn: Connection, network: NetworkRecord, nic_id: int, address: IPAddress
+) -> HeldAddress:
     subnet = _subnet_for(network, address)
     refusal = plan_of(subnet).refusal(address)
     if refusal is not None:
@@ -137,14 +206,14 @@ def _take_named(session: Session, network: Network, nic: Nic, address: IPAddress
             f"{address}: addresses in the SLAAC subnet {subnet.cidr} derive from the MAC; "
             "create the network with --ipv6-mode dhcpv6 to preset IPv6 addresses"
         )
-    allocator.lock_subnet(session, subnet)
-    if not allocator.take(session, subnet, int(address)):
-        allocator.ensure_not_held(session, subnet, address)
+    allocator.lock_subnet(conn, subnet.id)
+    if not allocator.take(conn, subnet.id, int(address)):
+        allocator.ensure_not_held(conn, subnet.id, address)
         raise Conflict(f"{address} is not free in {subnet.cidr}", address=str(address))
-    allocator.assign(session, subnet, nic, int(address))
+    return _held(subnet, allocator.assign(conn, subnet.id, subnet.version, nic_id, int(address)))
 
 
-def _subnet_for(network: Network, address: IPAddress) -> Subnet:
+def _subnet_for(network: NetworkRecord, address: IPAddress) -> SubnetRecord:
     for subnet in network.subnets:
         if address in parse_network(subnet.cidr):
             return subnet
@@ -155,49 +224,83 @@ def _subnet_for(network: Network, address: IPAddress) -> Subnet:
     )
 
 
-def _take_any(session: Session, network: Network, nic: Nic, subnets: list[Subnet]) -> None:
+def _take_any(
+    conn: Connection, network: NetworkRecord, nic_id: int, subnets: list[SubnetRecord]
+) -> HeldAddress:
     for subnet in subnets:
-        allocator.lock_subnet(session, subnet)
-        value = allocator.take_lowest(session, subnet)
+        allocator.lock_subnet(conn, subnet.id)
+        value = allocator.take_lowest(conn, subnet.id)
         if value is not None:
-            allocator.assign(session, subnet, nic, value)
-            return
+            return _held(subnet, allocator.assign(conn, subnet.id, subnet.version, nic_id, value))
     fullness = "; ".join(f"{s.cidr} has {s.used} of {s.capacity} addresses in use" for s in subnets)
     raise Exhausted(
         f"network {network.name!r} has no free IPv{subnets[0].version} address: {fullness}",
         network=network.name,
-        subnets=[{"cidr": s.cidr, "used": s.used, "capacity": int(s.capacity)} for s in subnets],
+        subnets=[{"cidr": s.cidr, "used": s.used, "capacity": s.capacity} for s in subnets],
     )
 
 
-def _record_macs(ctl: Controller, name: str, defined: DefinedVm) -> list[Reservation]:
-    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply;
-    return the DHCP reservations they make."""
-    with ctl.uow() as uow:
-        vm = repository.get_vm(uow.session, name)
-        if len(defined.macs) != len(vm.nics):
-            raise Unavailable(
-                f"hypervisor returned {len(defined.macs)} MACs for {len(vm.nics)} NICs of {name!r}"
-            )
-        for nic, mac in zip(vm.nics, defined.macs, strict=True):
-            nic.mac = normalize_mac(mac)
-            _claim_slaac(uow.session, nic)
-        uow.commit()
-        return _reservations(vm)
+class _MacTaken(Exception):
+    """The hypervisor chose a MAC that a NIC of another VM already has."""
 
 
-def _claim_slaac(session: Session, nic: Nic) -> None:
-    assert nic.mac is not None
+def _define(
+    ctl: Controller, hypervisor: Hypervisor, request: CreateVm, preset: _Preset
+) -> list[_PresetNic]:
+    """Steps 2 and 3: the host defines the VM and chooses its MACs, which are recorded.
+
+    Hypervisors choose MACs at random in 52:54:00, and each knows only its own host's, so
+    in a cloud of thousands of VMs two NICs get the same one now and then (a one-in-five
+    chance among 2,500 VMs). Such a VM is defined afresh, which draws new MACs.
+    """
+    for _attempt in range(DEFINE_ATTEMPTS):
+        defined = _call(hypervisor.define, _spec(request, preset))
+        try:
+            return ctl.writes.run(partial(_record_macs, preset, defined))
+        except _MacTaken as taken:
+            log.info("VM %s: %s; defining it again", request.name, taken)
+            _call(hypervisor.undefine, request.name)
+    raise Conflict(
+        f"host {preset.host.name!r} chose MACs already in use {DEFINE_ATTEMPTS} times "
+        f"for VM {request.name!r}",
+        vm=request.name,
+    )
+
+
+def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[_PresetNic]:
+    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply."""
+    if len(defined.macs) != len(preset.nics):
+        raise Unavailable(
+            f"hypervisor returned {len(defined.macs)} MACs for {len(preset.nics)} NICs "
+            f"of {defined.name!r}"
+        )
+    macs = [normalize_mac(m) for m in defined.macs]
+    holder = conn.execute(_MAC_HOLDER, {"macs": macs, "vm_id": preset.vm_id}).first()
+    if holder is not None:
+        raise _MacTaken(f"MAC {holder.mac} is already VM {holder.name!r}'s")
+    nics = []
+    for nic, mac in zip(preset.nics, macs, strict=True):
+        conn.execute(_SET_MAC, {"nic_id": nic.id, "new_mac": mac})
+        nics.append(replace(nic, mac=mac, held=nic.held + _claim_slaac(conn, nic, mac)))
+    return nics
+
+
+def _claim_slaac(conn: Connection, nic: _PresetNic, mac: str) -> tuple[HeldAddress, ...]:
+    """The EUI-64 address of the MAC in the network's first SLAAC subnet, if it has one."""
+    if any(a.version == 6 for a in nic.held):
+        return ()
     for subnet in nic.network.subnets:
-        if subnet.ipv6_mode != Ipv6Mode.SLAAC.value or any(a.version == 6 for a in nic.addresses):
-            continue
-        address = eui64_address(parse_network(subnet.cidr), nic.mac)
-        allocator.ensure_not_held(session, subnet, address)
-        allocator.assign(session, subnet, nic, int(address))
+        if subnet.ipv6_mode == Ipv6Mode.SLAAC.value:
+            address = eui64_address(parse_network(subnet.cidr), mac)
+            allocator.ensure_not_held(conn, subnet.id, address)
+            text = allocator.assign(conn, subnet.id, 6, nic.id, int(address))
+            return (_held(subnet, text),)
+    return ()
 
 
-def _reservations(vm: Vm) -> list[Reservation]:
-    return [r for r in (reservation_of(n) for n in vm.nics) if r is not None]
+def _reservation(name: str, nic: _PresetNic) -> Reservation:
+    assert nic.mac is not None
+    return reservation_for(nic.network.name, nic.mac, name, nic.held)
 
 
 def _put_all(ctl: Controller, reservations: list[Reservation]) -> None:
@@ -208,18 +311,18 @@ def _put_all(ctl: Controller, reservations: list[Reservation]) -> None:
 
 def _write_reservations(ctl: Controller, name: str) -> None:
     with ctl.uow() as uow:
-        reservations = _reservations(repository.get_vm(uow.session, name))
+        vm = repository.get_vm(uow.session, name)
+        reservations = [r for r in (reservation_of(n) for n in vm.nics) if r is not None]
     _put_all(ctl, reservations)
 
 
-def _set_state(ctl: Controller, name: str, state: VmState) -> VmView:
-    with ctl.uow() as uow:
-        vm = repository.get_vm(uow.session, name)
-        vm.state = state.value
-        vm.owner = None
-        vm.claim_expires = None
-        uow.commit()
-        return vm_view(vm)
+def _set_state(ctl: Controller, name: str, state: VmState) -> None:
+    """Record the VM's state; a settled VM is nobody's claim any more."""
+    ctl.writes.run(partial(_write_state, name, state))
+
+
+def _write_state(name: str, state: VmState, conn: Connection) -> None:
+    conn.execute(_SET_STATE, {"vm_name": name, "new_state": state.value})
 
 
 def _call(operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -254,20 +357,19 @@ def _delete_records(ctl: Controller, name: str) -> None:
         vm = repository.find_vm(uow.session, name)
         if vm is None:
             return
+        conn = uow.connection
         for nic in vm.nics:
             for allocation in nic.addresses:
-                _release(uow.session, allocation)
-        uow.session.delete(vm)
+                _release(conn, allocation)
+        conn.execute(delete(Vm).where(Vm.id == vm.id))
         uow.commit()
 
 
-def _release(session: Session, allocation: Allocation) -> None:
+def _release(conn: Connection, allocation: Allocation) -> None:
     subnet = allocation.subnet
-    allocator.lock_subnet(session, subnet)
-    if subnet.ipv6_mode != Ipv6Mode.SLAAC.value:
-        allocator.give_back(session, subnet, int(parse_address(allocation.address)))
-    subnet.used -= 1
-    session.delete(allocation)
+    allocator.lock_subnet(conn, subnet.id)
+    slaac = subnet.ipv6_mode == Ipv6Mode.SLAAC.value
+    allocator.release(conn, subnet.id, key_value(allocation.address_key), to_free_space=not slaac)
 
 
 def _hypervisor_of(ctl: Controller, name: str) -> Hypervisor:
@@ -288,14 +390,16 @@ def delete_vm(ctl: Controller, name: str) -> None:
 def stop_vm(ctl: Controller, name: str) -> VmView:
     """Shut the VM down; it keeps its addresses and reservations."""
     _call(_hypervisor_of(ctl, name).stop, name)
-    return transaction(lambda: _set_state(ctl, name, VmState.STOPPED))
+    _set_state(ctl, name, VmState.STOPPED)
+    return show_vm(ctl, name)
 
 
 def start_vm(ctl: Controller, name: str) -> VmView:
     """Boot the VM again; DHCP hands it the same addresses."""
     _write_reservations(ctl, name)
     _call(_hypervisor_of(ctl, name).start, name)
-    return transaction(lambda: _set_state(ctl, name, VmState.RUNNING))
+    _set_state(ctl, name, VmState.RUNNING)
+    return show_vm(ctl, name)
 
 
 def set_ip(ctl: Controller, name: str, address: str) -> VmView:
@@ -305,29 +409,26 @@ def set_ip(ctl: Controller, name: str, address: str) -> VmView:
     """
     check_name("VM", name)
     wanted = parse_address(address)
-    view = transaction(lambda: _move_address(ctl, name, wanted))
+    transaction(lambda: _move_address(ctl, name, wanted))
     _write_reservations(ctl, name)
-    return view
+    return show_vm(ctl, name)
 
 
-def _move_address(ctl: Controller, name: str, wanted: IPAddress) -> VmView:
+def _move_address(ctl: Controller, name: str, wanted: IPAddress) -> None:
     with ctl.uow() as uow:
-        session = uow.session
-        vm = repository.get_vm(session, name)
+        vm = repository.get_vm(uow.session, name)
         if vm.state == VmState.CREATING.value:
             raise Conflict(f"VM {name!r} is still being created", vm=name)
         nic = _nic_for(vm, wanted)
         current = next((a for a in nic.addresses if a.version == wanted.version), None)
         if current is not None and current.address == str(wanted):
-            return vm_view(vm)
+            return
+        conn = uow.connection
+        network = repository.network_record(conn, nic.network.name)
         if current is not None:
-            _release(session, current)
-            session.flush()
-            nic.addresses.remove(current)
-        _take_named(session, nic.network, nic, wanted)
+            _release(conn, current)
+        _take_named(conn, network, nic.id, wanted)
         uow.commit()
-        session.expire(vm)
-        return vm_view(repository.get_vm(session, name))
 
 
 def _nic_for(vm: Vm, address: IPAddress) -> Nic:

@@ -5,12 +5,18 @@ costs the same whether the subnet is empty or nearly full. Concurrency: on SQLit
 transaction holds the database's write lock from its start (BEGIN IMMEDIATE); on PostgreSQL
 the subnet row is locked first. The unique key on (subnet, address) is the last line: a
 violation aborts the transaction, and the service retries it.
+
+Allocation is on the hot path of every VM create, so it is written as Core statements, built
+once with bound parameters, on the transaction's connection: the ORM's unit-of-work
+bookkeeping, and even building a statement per call, cost several times the SQL itself.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Select, bindparam, delete, insert, select, update
 
 from vmfabric.domain.errors import Conflict
 from vmfabric.domain.ipam import (
@@ -21,115 +27,173 @@ from vmfabric.domain.ipam import (
     key_value,
     released,
 )
-from vmfabric.store.tables import Allocation, FreeRange, Nic, Subnet
+from vmfabric.store.tables import Allocation, FreeRange, Nic, Subnet, Vm
 
-
-def seed_free_ranges(session: Session, subnet: Subnet, ranges: list[AddressRange]) -> None:
-    """Record the free space of a new subnet."""
-    session.add_all(
-        FreeRange(subnet_id=subnet.id, first_key=address_key(r.first), last_key=address_key(r.last))
-        for r in ranges
+_RANGE_COLUMNS = (FreeRange.id, FreeRange.first_key, FreeRange.last_key)
+_LOWEST = (
+    select(*_RANGE_COLUMNS)
+    .where(FreeRange.subnet_id == bindparam("subnet_id"))
+    .order_by(FreeRange.first_key)
+    .limit(1)
+)
+_AT_OR_BELOW = (
+    select(*_RANGE_COLUMNS)
+    .where(FreeRange.subnet_id == bindparam("subnet_id"), FreeRange.first_key <= bindparam("key"))
+    .order_by(FreeRange.first_key.desc())
+    .limit(1)
+)
+_STARTING_AT = select(*_RANGE_COLUMNS).where(
+    FreeRange.subnet_id == bindparam("subnet_id"), FreeRange.first_key == bindparam("key")
+)
+_MOVE_RANGE = (
+    update(FreeRange)
+    .where(FreeRange.id == bindparam("row_id"))
+    .values(first_key=bindparam("new_first"), last_key=bindparam("new_last"))
+)
+_COUNT_USED = (
+    update(Subnet)
+    .where(Subnet.id == bindparam("subnet_id"))
+    .values(used=Subnet.used + bindparam("by"))
+)
+_DROP_ALLOCATION = delete(Allocation).where(
+    Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
+)
+_HOLDER = (
+    select(Vm.name)
+    .join(Nic, Nic.vm_id == Vm.id)
+    .join(Allocation, Allocation.nic_id == Nic.id)
+    .where(
+        Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
     )
+)
+_LOCK_SUBNET = select(Subnet.id).where(Subnet.id == bindparam("subnet_id")).with_for_update()
 
 
-def lock_subnet(session: Session, subnet: Subnet) -> None:
+@dataclass(frozen=True)
+class _Row:
+    """A stored free range and its row id."""
+
+    id: int
+    block: AddressRange
+
+
+def seed_free_ranges(conn: Connection, subnet_id: int, ranges: Sequence[AddressRange]) -> None:
+    """Record the free space of a new subnet."""
+    if ranges:
+        conn.execute(insert(FreeRange), [_range_values(subnet_id, r) for r in ranges])
+
+
+def lock_subnet(conn: Connection, subnet_id: int) -> None:
     """Serialize allocation in one subnet on databases with row locks.
 
     SQLite has none to take: its write transactions already hold the database lock.
     """
-    if session.get_bind().dialect.name != "sqlite":
-        session.execute(select(Subnet.id).where(Subnet.id == subnet.id).with_for_update())
+    if conn.dialect.name != "sqlite":
+        conn.execute(_LOCK_SUBNET, {"subnet_id": subnet_id})
 
 
-def take_lowest(session: Session, subnet: Subnet) -> int | None:
+def take_lowest(conn: Connection, subnet_id: int) -> int | None:
     """Take the lowest free address of the subnet, or None if it has none."""
-    row = session.scalar(
-        select(FreeRange)
-        .where(FreeRange.subnet_id == subnet.id)
-        .order_by(FreeRange.first_key)
-        .limit(1)
-    )
+    row = _one_range(conn, _LOWEST, subnet_id)
     if row is None:
         return None
-    value = key_value(row.first_key)
-    _replace(session, subnet, [row], _range(row).without(value))
+    value = row.block.first
+    _replace(conn, subnet_id, [row], row.block.without(value))
     return value
 
 
-def take(session: Session, subnet: Subnet, value: int) -> bool:
+def take(conn: Connection, subnet_id: int, value: int) -> bool:
     """Take one given address; False when it is not free."""
-    row = _range_at_or_below(session, subnet, value)
-    if row is None or value not in _range(row):
+    row = _one_range(conn, _AT_OR_BELOW, subnet_id, value)
+    if row is None or value not in row.block:
         return False
-    _replace(session, subnet, [row], _range(row).without(value))
+    _replace(conn, subnet_id, [row], row.block.without(value))
     return True
 
 
-def give_back(session: Session, subnet: Subnet, value: int) -> None:
+def give_back(conn: Connection, subnet_id: int, value: int) -> None:
     """Return an address to the free space, merging it with free neighbours."""
-    left = _range_at_or_below(session, subnet, value - 1)
-    if left is not None and key_value(left.last_key) != value - 1:
+    left = _one_range(conn, _AT_OR_BELOW, subnet_id, value - 1)
+    if left is not None and left.block.last != value - 1:
         left = None
-    right = session.scalar(
-        select(FreeRange).where(
-            FreeRange.subnet_id == subnet.id, FreeRange.first_key == address_key(value + 1)
-        )
-    )
+    right = _one_range(conn, _STARTING_AT, subnet_id, value + 1)
     old = [r for r in (left, right) if r is not None]
-    merged = released(value, _range(left) if left else None, _range(right) if right else None)
-    _replace(session, subnet, old, (merged,))
+    merged = released(value, left.block if left else None, right.block if right else None)
+    _replace(conn, subnet_id, old, (merged,))
 
 
-def assign(session: Session, subnet: Subnet, nic: Nic, value: int) -> Allocation:
-    """Record that `nic` holds address `value` of `subnet` (already taken from free space)."""
-    allocation = Allocation(
-        subnet_id=subnet.id,
-        nic=nic,
-        version=subnet.version,
-        address=address_text(subnet.version, value),
-        address_key=address_key(value),
+def assign(conn: Connection, subnet_id: int, version: int, nic_id: int, value: int) -> str:
+    """Record that the NIC holds address `value` (already taken from free space); its text."""
+    address = address_text(version, value)
+    conn.execute(
+        insert(Allocation),
+        {
+            "subnet_id": subnet_id,
+            "nic_id": nic_id,
+            "version": version,
+            "address": address,
+            "address_key": address_key(value),
+        },
     )
-    session.add(allocation)
-    subnet.used += 1
-    return allocation
+    conn.execute(_COUNT_USED, {"subnet_id": subnet_id, "by": 1})
+    return address
 
 
-def holder_of(session: Session, subnet: Subnet, address: IPAddress) -> Allocation | None:
-    """The allocation holding `address`, if any (to say who has it)."""
-    return session.scalar(
-        select(Allocation).where(
-            Allocation.subnet_id == subnet.id, Allocation.address_key == address_key(int(address))
-        )
-    )
+def release(conn: Connection, subnet_id: int, value: int, *, to_free_space: bool) -> None:
+    """Drop the allocation of `value`; SLAAC addresses (`to_free_space` False) have no pool."""
+    conn.execute(_DROP_ALLOCATION, {"subnet_id": subnet_id, "key": address_key(value)})
+    if to_free_space:
+        give_back(conn, subnet_id, value)
+    conn.execute(_COUNT_USED, {"subnet_id": subnet_id, "by": -1})
 
 
-def ensure_not_held(session: Session, subnet: Subnet, address: IPAddress) -> None:
+def ensure_not_held(conn: Connection, subnet_id: int, address: IPAddress) -> None:
     """Raise Conflict naming the VM when `address` is already given to a NIC."""
-    holder = holder_of(session, subnet, address)
+    holder = conn.scalar(_HOLDER, {"subnet_id": subnet_id, "key": address_key(int(address))})
     if holder is not None:
         raise Conflict(
-            f"{address} is already in use by VM {holder.nic.vm.name!r}",
-            address=str(address),
-            vm=holder.nic.vm.name,
+            f"{address} is already in use by VM {holder!r}", address=str(address), vm=holder
         )
 
 
-def _range_at_or_below(session: Session, subnet: Subnet, value: int) -> FreeRange | None:
-    return session.scalar(
-        select(FreeRange)
-        .where(FreeRange.subnet_id == subnet.id, FreeRange.first_key <= address_key(value))
-        .order_by(FreeRange.first_key.desc())
-        .limit(1)
-    )
+def _one_range(
+    conn: Connection, statement: Select[int, str, str], subnet_id: int, value: int | None = None
+) -> _Row | None:
+    params: dict[str, object] = {"subnet_id": subnet_id}
+    if value is not None:
+        params["key"] = address_key(value)
+    row = conn.execute(statement, params).first()
+    if row is None:
+        return None
+    return _Row(row.id, AddressRange(key_value(row.first_key), key_value(row.last_key)))
 
 
-def _range(row: FreeRange) -> AddressRange:
-    return AddressRange(key_value(row.first_key), key_value(row.last_key))
+def _range_values(subnet_id: int, block: AddressRange) -> dict[str, object]:
+    return {
+        "subnet_id": subnet_id,
+        "first_key": address_key(block.first),
+        "last_key": address_key(block.last),
+    }
 
 
 def _replace(
-    session: Session, subnet: Subnet, old: list[FreeRange], new: tuple[AddressRange, ...]
+    conn: Connection, subnet_id: int, old: list[_Row], new: tuple[AddressRange, ...]
 ) -> None:
-    if old:
-        session.execute(delete(FreeRange).where(FreeRange.id.in_([r.id for r in old])))
-    seed_free_ranges(session, subnet, list(new))
+    """Turn the `old` rows into the `new` ranges, updating rows in place where it can.
+
+    Rows are deleted before any is updated or inserted: a range's new first address may be
+    another old row's, and (subnet, first address) is unique.
+    """
+    kept, dropped = old[: len(new)], old[len(new) :]
+    if dropped:
+        conn.execute(delete(FreeRange).where(FreeRange.id.in_([r.id for r in dropped])))
+    for row, block in zip(kept, new, strict=False):
+        conn.execute(
+            _MOVE_RANGE,
+            {
+                "row_id": row.id,
+                "new_first": address_key(block.first),
+                "new_last": address_key(block.last),
+            },
+        )
+    seed_free_ranges(conn, subnet_id, new[len(kept) :])

@@ -1,14 +1,142 @@
-"""Finding stored objects by the names operators use, with NotFound errors that say what."""
+"""Finding stored objects by the names operators use, with NotFound errors that say what.
+
+Two kinds of reader: ORM objects with their relations loaded, for the use cases that walk
+them, and frozen records read with Core statements, for the hot path of creating a VM.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sqlalchemy import Select, select
+from sqlalchemy import Connection, Select, bindparam, insert, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from vmfabric.domain.errors import NotFound
-from vmfabric.store.tables import Allocation, Host, Network, Nic, Subnet, Vm
+from vmfabric.domain.ipam import AddressRange, key_value
+from vmfabric.store.tables import (
+    Allocation,
+    Base,
+    Host,
+    Network,
+    Nic,
+    ReservedRange,
+    Subnet,
+    Vm,
+)
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """A stored host, read without the ORM."""
+
+    id: int
+    name: str
+    driver: str
+    uri: str | None
+    bridge: str
+
+
+@dataclass(frozen=True)
+class SubnetRecord:
+    """A stored subnet with its reserved ranges, read without the ORM."""
+
+    id: int
+    cidr: str
+    version: int
+    gateway: str | None
+    dhcp_server: str | None
+    ipv6_mode: str | None
+    capacity: int
+    used: int
+    reserved: tuple[AddressRange, ...]
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    """A stored network with its subnets, read without the ORM."""
+
+    id: int
+    name: str
+    kind: str
+    vlan: int
+    subnets: tuple[SubnetRecord, ...]
+
+
+_HOST = select(Host.id, Host.name, Host.driver, Host.uri, Host.bridge).where(
+    Host.name == bindparam("name")
+)
+_NETWORK = (
+    select(
+        Network.id.label("network_id"),
+        Network.kind,
+        Network.vlan,
+        Subnet.id,
+        Subnet.cidr,
+        Subnet.version,
+        Subnet.gateway,
+        Subnet.dhcp_server,
+        Subnet.ipv6_mode,
+        Subnet.capacity,
+        Subnet.used,
+        ReservedRange.first_key,
+        ReservedRange.last_key,
+    )
+    .join(Subnet, Subnet.network_id == Network.id)
+    .outerjoin(ReservedRange, ReservedRange.subnet_id == Subnet.id)
+    .where(Network.name == bindparam("name"))
+    .order_by(Subnet.id, ReservedRange.first_key)
+)
+_VM_ID = select(Vm.id).where(Vm.name == bindparam("name"))
+
+
+def host_record(conn: Connection, name: str) -> HostRecord:
+    """The host called `name`."""
+    row = conn.execute(_HOST, {"name": name}).first()
+    if row is None:
+        raise NotFound(f"unknown host {name!r}", host=name)
+    return HostRecord(row.id, row.name, row.driver, row.uri, row.bridge)
+
+
+def network_record(conn: Connection, name: str) -> NetworkRecord:
+    """The network called `name`, with its subnets and their reserved ranges (one query)."""
+    rows = conn.execute(_NETWORK, {"name": name}).all()
+    if not rows:
+        raise NotFound(f"unknown network {name!r}", network=name)
+    reserved: dict[int, list[AddressRange]] = {}
+    for row in rows:
+        blocks = reserved.setdefault(row.id, [])
+        if row.first_key is not None:
+            blocks.append(AddressRange(key_value(row.first_key), key_value(row.last_key)))
+    subnets = {
+        row.id: SubnetRecord(
+            row.id,
+            row.cidr,
+            row.version,
+            row.gateway,
+            row.dhcp_server,
+            row.ipv6_mode,
+            int(row.capacity),
+            row.used,
+            tuple(reserved[row.id]),
+        )
+        for row in rows
+    }
+    first = rows[0]
+    return NetworkRecord(first.network_id, name, first.kind, first.vlan, tuple(subnets.values()))
+
+
+def insert_row(conn: Connection, table: type[Base], values: dict[str, object]) -> int:
+    """Insert one row and return its id."""
+    key = conn.execute(insert(table), values).inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no id for the new row")
+    return int(key[0])
+
+
+def vm_id(conn: Connection, name: str) -> int | None:
+    """The row id of the VM called `name`, if there is one."""
+    return conn.scalar(_VM_ID, {"name": name})
 
 
 def get_host(session: Session, name: str) -> Host:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -20,6 +21,11 @@ class UnitOfWork:
         if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
         return self._session
+
+    @property
+    def connection(self) -> Connection:
+        """The transaction's connection, for Core statements on hot paths."""
+        return self.session.connection()
 
     def __enter__(self) -> UnitOfWork:
         self._session = self._sessions()
