@@ -1,7 +1,8 @@
 """Benchmark of the dnsmasq driver against a real dnsmasq and real busybox udhcpc clients.
 
 Prints one JSON line:
-- `rate`, for dnsmasq started with 0 and with 200 leases: reservation changes (adds, address
+- `rate`, for dnsmasq started with 0, 200 and 1,000 leases (once its lease hook delivered
+  them all to the controller, which happens once per network): reservation changes (adds, address
   changes, deletes over 1,000 reservations) offered at rising rates; for each step, the rate
   dnsmasq applied (counting until it has processed everything) while a probe client kept
   asking for a lease. `sustained_per_s` is the best step at which the probe never failed and
@@ -242,18 +243,19 @@ def driver_run(lab: VethLab, server: DnsmasqServer, seconds: float) -> dict[str,
 
 
 def start_peer_dnsmasq(lab: VethLab, root: Path, sock: Path) -> tuple[int, Path]:
-    """A dnsmasq configured as the peers do: one hosts file, re-read on SIGHUP."""
+    """A dnsmasq configured as the peers do: one hosts file, re-read on SIGHUP (our lease hook)."""
     files = NetworkFiles(root)
     files.prepare()
-    hosts_file = root / "hosts"
-    hosts_file.write_text("")
-    files.install(files.hook, hook_script(sys.executable, sock, NETWORK), mode=0o755)
+    files.hosts_file.write_text("")
+    hook = hook_script(sys.executable, sock, NETWORK, files.delivered_dir)
+    files.replace(files.hook, hook, mode=0o755)
     command = [
-        f"--dhcp-hostsfile={hosts_file}" if arg.startswith("--dhcp-hostsdir=") else arg
+        arg
         for arg in dnsmasq_command("/usr/sbin/dnsmasq", network(), lab.placement(), files, "root")
+        if not arg.startswith("--dhcp-hostsdir=")
     ]
     subprocess.run(["ip", "netns", "exec", lab.server_ns, *command], check=True)
-    return int(files.pid_file.read_text()), hosts_file
+    return int(files.pid_file.read_text()), files.hosts_file
 
 
 def peer_apply(pid: int, hosts_file: Path, lines: dict[int, str], log: Path, offset: int) -> int:
@@ -304,8 +306,11 @@ def compare(
     lab: VethLab, root: Path, server: DnsmasqServer, leases: int, options: argparse.Namespace
 ) -> dict[str, object]:
     """The driver, then the peers' way, on the same lab, each dnsmasq starting with `leases`."""
-    seed_leases(server.files(NETWORK).lease_file, leases)
+    files = server.files(NETWORK)
+    seed_leases(files.lease_file, leases)
     server.ensure_network(network(), lab.placement())
+    while sum(1 for _ in files.delivered_dir.iterdir()) < leases:  # the controller knows them
+        time.sleep(0.1)
     driver = driver_run(lab, server, options.seconds)
     server.remove_network(NETWORK)
     peer_root = root / "peer" / NETWORK
@@ -373,6 +378,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each rate step")
     parser.add_argument("--peer-changes", type=int, default=300)
+    parser.add_argument(
+        "--leases",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[0, 200, 1000],
+        help="leases dnsmasq starts with, one rate run each",
+    )
     parser.add_argument("--samples", type=int, default=200, help="latency samples per size")
     parser.add_argument(
         "--dir", default="/var/tmp", help="parent of the state directory (its file system counts)"
@@ -386,7 +397,9 @@ def main() -> None:
         with LeaseEventListener(sock, events.append):
             server = DnsmasqServer(root / "dhcp", sock, supervise_interval=None)
             try:
-                rate = {f"leases_{n}": compare(lab, root, server, n, options) for n in (0, 200)}
+                rate = {
+                    f"leases_{n}": compare(lab, root, server, n, options) for n in options.leases
+                }
                 server.ensure_network(network(), lab.placement())
                 lat = {str(n): latency(lab, server, n, options.samples) for n in (10, 5000)}
             finally:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.domain.ipam import key_value
 from vmfabric.store.tables import Allocation, FreeRange, Subnet, Vm
 
@@ -170,7 +171,9 @@ def test_sigkill_in_the_middle_of_creates_leaks_nothing(state: Path) -> None:
             assert connection.scalar(select(func.count()).select_from(Vm)) == len(listed)
         engine.dispose()
         assert_address_space_consistent(db)
-        reservations = sorted((state / "dhcp" / "net1" / "hosts.d").iterdir())
-        assert len(reservations) == len(listed)
+        dhcp = DnsmasqServer(state / "dhcp", state / "lease.sock", supervise_interval=None)
+        served = {(r.mac, r.ipv4) for r in dhcp.reservations("net1")}
+        dhcp.close()
+        assert served == {(n["mac"], n["ipv4"]) for v in listed.values() for n in v["nics"]}
     finally:
         controller.stop()

@@ -344,26 +344,58 @@ def test_lease_events_for_add_old_del(
     assert add.expires is not None and add.expires > time.time()
 
 
-def test_sighup_storm_over_200_leases(lab: VethLab, state: Path, events: list[LeaseEvent]) -> None:
-    """dnsmasq re-runs the hook for every lease; all reach the listener, DHCP keeps working."""
+def test_sighup_replays_only_what_the_controller_missed(lab: VethLab, state: Path) -> None:
+    """dnsmasq re-runs the hook for all 200 leases per SIGHUP; only undelivered ones arrive."""
     server = DnsmasqServer(supervise_interval=None)
     leases = seed_leases(server.files(NETWORK).lease_file, 200)
+    events: list[LeaseEvent] = []
+    listener = LeaseEventListener(server.lease_socket, events.append)
     try:
-        server.ensure_network(network(), lab.placement())
-        wait_for(lambda: len({e.mac for e in events}) == 200, 60, "old events at start")
-        events.clear()
+        server.ensure_network(network(), lab.placement())  # nobody listens to its `old` events
+        listener.start()
         server.put(reservation(MAC1, "10.77.0.5"))
         server.put(reservation(MAC1, "10.77.0.6"))
         server.flush()
-        assert lab.udhcpc_lease(MAC1) == "10.77.0.6"
 
         def replayed() -> bool:
             return {e.mac for e in events if e.action == LeaseAction.OLD} >= set(leases)
 
-        wait_for(replayed, 60, "old events after SIGHUP")
+        wait_for(replayed, 60, "the missed old events after SIGHUP")
+        events.clear()
+        server.put(reservation(MAC1, "10.77.0.7"))
+        server.flush()
+        assert lab.udhcpc_lease(MAC1) == "10.77.0.7"
+        # the hook runs one at a time, so the add comes after this SIGHUP's replays
+        wait_for(lambda: any(e.action == LeaseAction.ADD for e in events), 60, "the add")
+        assert {e.mac for e in events} == {MAC1}
         assert len(server.leases(NETWORK)) == 201
     finally:
+        listener.close()
         server.close()
+
+
+def test_a_thousand_leases_do_not_keep_new_clients_out(lab: VethLab, state: Path) -> None:
+    """dnsmasq's default lease limit (1,000) would answer "no leases left"."""
+    server = DnsmasqServer(supervise_interval=None)
+    seed_leases(server.files(NETWORK).lease_file, 1000)
+    try:
+        server.ensure_network(network(), lab.placement())
+        server.put(reservation(MAC1, "10.77.0.5"))
+        assert lab.udhcpc_lease(MAC1) == "10.77.0.5"
+    finally:
+        server.close()
+
+
+def test_new_reservations_during_reloads_are_served(lab: VethLab, driver: DnsmasqServer) -> None:
+    for i in range(30):
+        driver.put(reservation(f"52:54:00:7c:00:{i:02x}", f"10.77.5.{i + 1}", f"vm{i}"))
+        if i % 3 == 0:
+            driver.delete(NETWORK, f"52:54:00:7c:00:{i:02x}")
+    driver.put(reservation(MAC1, "10.77.0.5"))
+    assert lab.udhcpc_lease(MAC1) == "10.77.0.5"
+    driver.flush()
+    assert lab.udhcpc_lease("52:54:00:7c:00:1d") == "10.77.5.30"
+    assert lab.udhcpc_lease("52:54:00:7c:00:1b", tries=2) is None
 
 
 ADOPT_CHILD = """

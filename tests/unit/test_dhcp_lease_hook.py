@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -89,31 +90,90 @@ def test_main_sends_one_datagram_the_listener_accepts(
     assert (event.action, event.mac, event.address) == (LeaseAction.OLD, MAC, "10.77.0.9")
 
 
-def test_main_exits_zero_when_the_controller_is_down(tmp_path: Path) -> None:
+def test_main_says_when_the_controller_is_down(tmp_path: Path) -> None:
     nobody = str(tmp_path / "nobody.sock")
     argv = ["--socket", nobody, "--network", "n", "--", "add", MAC, "1.2.3.4"]
-    assert lease_hook.main(argv) == 0
+    assert lease_hook.main(argv) == os.EX_TEMPFAIL
 
 
-def test_main_exits_zero_on_a_stale_socket(tmp_path: Path) -> None:
+def test_main_says_when_the_socket_is_stale(tmp_path: Path) -> None:
     path = tmp_path / "stale.sock"
     socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).bind(str(path))
     argv = ["--socket", str(path), "--network", "n", "--", "add", MAC, "1.2.3.4"]
+    assert lease_hook.main(argv) == os.EX_TEMPFAIL
+
+
+def test_main_ignores_what_is_not_a_lease_change(tmp_path: Path) -> None:
+    argv = ["--socket", str(tmp_path / "nobody.sock"), "--network", "n", "--", "init"]
     assert lease_hook.main(argv) == 0
 
 
-def test_generated_wrapper_runs_the_hook_from_this_interpreter(
-    tmp_path: Path, receiver: tuple[Path, socket.socket]
+@pytest.fixture
+def wrapper(tmp_path: Path, receiver: tuple[Path, socket.socket]) -> Path:
+    """The generated lease script, as dnsmasq would run it."""
+    path = tmp_path / "hook"
+    delivered = tmp_path / "delivered"
+    delivered.mkdir()
+    path.write_text(hook_script(sys.executable, receiver[0], "net1", delivered))
+    path.chmod(0o755)
+    return path
+
+
+def run_wrapper(wrapper: Path, *args: str, expires: str = "1700000000") -> None:
+    """Run the wrapper to its end: whatever it sends is in the socket's queue afterwards."""
+    env = {"DNSMASQ_LEASE_EXPIRES": expires}
+    done = subprocess.run([str(wrapper), *args], env=env, capture_output=True, check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
+
+
+def sent(sock: socket.socket) -> list[tuple[str, str]]:
+    """(action, address) of every datagram waiting in the socket."""
+    sock.setblocking(False)
+    received = []
+    while True:
+        try:
+            event = json.loads(sock.recv(65536))
+        except BlockingIOError:
+            return received
+        received.append((event["action"], event["address"]))
+
+
+def test_wrapper_runs_the_hook_from_this_interpreter(
+    wrapper: Path, receiver: tuple[Path, socket.socket]
+) -> None:
+    run_wrapper(wrapper, "add", MAC, "10.77.0.7", "vm7")
+    assert sent(receiver[1]) == [("add", "10.77.0.7")]
+
+
+def test_wrapper_drops_replays_of_what_it_delivered(
+    wrapper: Path, receiver: tuple[Path, socket.socket]
+) -> None:
+    run_wrapper(wrapper, "add", MAC, "10.77.0.7", "vm7")
+    run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7")
+    run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7", expires="1700000600")
+    run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7", expires="1700000600")
+    run_wrapper(wrapper, "del", MAC, "10.77.0.7", "vm7", expires="1700000600")
+    run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7", expires="1700000600")
+    assert sent(receiver[1]) == [
+        ("add", "10.77.0.7"),
+        ("old", "10.77.0.7"),
+        ("del", "10.77.0.7"),
+        ("old", "10.77.0.7"),
+    ]
+
+
+def test_wrapper_replays_what_the_controller_missed(
+    wrapper: Path, receiver: tuple[Path, socket.socket], tmp_path: Path
 ) -> None:
     path, sock = receiver
-    wrapper = tmp_path / "hook"
-    wrapper.write_text(hook_script(sys.executable, path, "net1"))
-    wrapper.chmod(0o755)
-    done = subprocess.run(
-        [str(wrapper), "add", MAC, "10.77.0.7", "vm7"], env={}, capture_output=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(sock.recv(65536))["address"] == "10.77.0.7"
+    sock.close()
+    path.unlink()
+    run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as restarted:
+        restarted.bind(str(path))
+        run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7")
+        run_wrapper(wrapper, "old", MAC, "10.77.0.7", "vm7")
+        assert sent(restarted) == [("old", "10.77.0.7")]
 
 
 def test_hook_imports_only_the_standard_library(tmp_path: Path) -> None:
@@ -124,8 +184,9 @@ def test_hook_imports_only_the_standard_library(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    assert done.returncode == os.EX_TEMPFAIL, done.stderr
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()[1:]}
     heavy = {"httpx", "sqlalchemy", "pydantic", "vmfabric", "fastapi", "site"}
     assert not imported & heavy

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from vmfabric.domain.model import DhcpPlacement, NetworkInfo, Reservation
+from vmfabric.domain.model import DhcpPlacement, LeaseEvent, NetworkInfo, Reservation
 
 
 class DhcpError(Exception):
@@ -35,6 +35,10 @@ class DhcpServer(Protocol):
 
     def sync(self, network: str, reservations: list[Reservation]) -> None:
         """Make the network's reservations exactly this set (after a restart)."""
+        ...
+
+    def leases(self, network: str) -> list[LeaseEvent]:
+        """The leases the network's server holds now (as `old` events)."""
         ...
 
     def flush(self) -> None:

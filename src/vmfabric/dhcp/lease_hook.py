@@ -1,10 +1,14 @@
 """dnsmasq's `--dhcp-script`: forward one lease change to the controller as a JSON datagram.
 
-dnsmasq runs this once per lease change and, after every SIGHUP, once more for every existing
-lease, one run at a time. So it stays cheap: standard library only (the driver runs it as
-`python -I -S lease_hook.py`, without site-packages and without importing the vmfabric package),
-one datagram, exit 0 even when nobody listens, because the controller reconciles from the
-lease file when it starts. The datagram carries the fields of `vmfabric.domain.model.LeaseEvent`.
+dnsmasq runs its script once per lease change and, after every SIGHUP, once more for every
+existing lease, one run at a time. The driver's shell wrapper (`dnsmasq.hook_script`) drops
+those replays when they repeat what was already delivered, without starting Python, and runs
+this for the rest: standard library only (`python -I -S lease_hook.py`, without site-packages
+and without importing the vmfabric package), one datagram. The exit status tells the wrapper
+whether the datagram was delivered (0) or not (`EX_TEMPFAIL`), so that an event the controller
+missed is sent again at the next replay; the wrapper itself always exits 0, because dnsmasq
+would log any other status as a failure. The datagram carries the fields of
+`vmfabric.domain.model.LeaseEvent`.
 
 Usage: `lease_hook.py --socket PATH --network NAME -- ACTION MAC ADDRESS [HOSTNAME]`.
 """
@@ -86,14 +90,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for dnsmasq; always 0 so dnsmasq never logs our absence as its failure."""
+    """Entry point for the wrapper: 0 when the event was delivered or is not one we report."""
     options = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         event = build_event(options.network, options.dnsmasq_args, os.environ)
     except ValueError:
         return 0
-    send_datagram(options.socket, json.dumps(event).encode())
-    return 0
+    return 0 if send_datagram(options.socket, json.dumps(event).encode()) else os.EX_TEMPFAIL
 
 
 if __name__ == "__main__":
