@@ -1,7 +1,9 @@
 """DHCP lease events from dnsmasq, kept as the current leases of each network.
 
-dnsmasq re-runs its lease script for every lease on each SIGHUP, so the same event arrives many
-times: recording one is idempotent and writes nothing when the lease did not change.
+dnsmasq re-runs its lease script for every lease on each SIGHUP; the driver's wrapper drops
+replays it already delivered, but an event can still arrive twice (a replay after a lost
+delivery, a renewal): recording one is idempotent and writes nothing when the lease did not
+change.
 """
 
 from __future__ import annotations
@@ -22,6 +24,33 @@ log = logging.getLogger(__name__)
 def record_lease_event(ctl: Controller, event: LeaseEvent) -> bool:
     """Apply one event; True when it changed the stored leases."""
     return transaction(lambda: _apply(ctl, event))
+
+
+def sync_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int:
+    """Make the stored leases of a network exactly those its DHCP server holds; the changes.
+
+    Run when the controller starts: events sent while it was down, or still queued in its
+    socket when it was killed, never arrive.
+    """
+    return transaction(lambda: _replace_leases(ctl, network, current))
+
+
+def _replace_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int:
+    with ctl.uow() as uow:
+        session = uow.session
+        network_id = session.scalar(select(Network.id).where(Network.name == network))
+        if network_id is None:
+            return 0
+        wanted = {(normalize_mac(e.mac), e.address): e for e in current}
+        changes = 0
+        for lease in session.scalars(select(Lease).where(Lease.network_id == network_id)):
+            if (lease.mac, lease.address) not in wanted:
+                session.delete(lease)
+                changes += 1
+        for (mac, _address), event in wanted.items():
+            changes += _upsert(session, network_id, mac, event)
+        uow.commit()
+        return changes
 
 
 def _apply(ctl: Controller, event: LeaseEvent) -> bool:

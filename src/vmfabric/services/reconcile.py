@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from vmfabric.services.context import Controller
+from vmfabric.services.leases import sync_leases
 from vmfabric.services.networks import network_infos, provision
 from vmfabric.services.vms import recover_interrupted_creates
 
@@ -21,10 +22,18 @@ class ReconcileReport:
 
 
 def reconcile(ctl: Controller) -> ReconcileReport:
-    """Undo interrupted creates, then rebuild each network's gateway, DHCP and reservations."""
+    """Undo interrupted creates, then rebuild each network's gateway, DHCP and reservations,
+    and catch up on the leases its DHCP server handed out meanwhile."""
     undone = recover_interrupted_creates(ctl)
     networks = network_infos(ctl)
+    lease_changes = 0
     for network in networks:
         provision(ctl, network)
-    log.info("reconciled %d networks, undid %d interrupted creates", len(networks), len(undone))
+        lease_changes += sync_leases(ctl, network.name, ctl.dhcp.leases(network.name))
+    log.info(
+        "reconciled %d networks (%d lease changes caught up), undid %d interrupted creates",
+        len(networks),
+        lease_changes,
+        len(undone),
+    )
     return ReconcileReport(undone, [n.name for n in networks])
