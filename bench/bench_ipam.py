@@ -38,7 +38,6 @@ def build(sessions: sessionmaker[Session], full: bool) -> int:
             gateway=str(plan.gateway),
             dhcp_server=str(plan.dhcp_server),
             capacity=str(plan.capacity()),
-            used=0,
         )
         network.subnets.append(subnet)
         session.add_all([host, network])
@@ -84,7 +83,6 @@ def _fill(
         ],
     )
     allocator.seed_free_ranges(session.connection(), subnet.id, free)
-    subnet.used = len(taken)
 
 
 def measure(sessions: sessionmaker[Session], subnet_id: int) -> list[float]:
@@ -100,7 +98,7 @@ def measure(sessions: sessionmaker[Session], subnet_id: int) -> list[float]:
         with sessions.begin() as session:
             conn = session.connection()
             nic_id = repository.insert_row(
-                conn, insert(Nic).values(vm_id=vm_id, network_id=network_id, position=index + 1)
+                conn, Nic, {"vm_id": vm_id, "network_id": network_id, "position": index + 1}
             )
             allocator.lock_subnet(conn, subnet_id)
             value = allocator.take_lowest(conn, subnet_id)

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from vmfabric.services.context import Controller
-from vmfabric.store.tables import Network, Subnet, Vm
+from vmfabric.store.tables import Allocation, Network, Subnet, Vm
 
 registry = CollectorRegistry()
 
@@ -53,7 +53,10 @@ class StateCollector(Collector):
         vms = GaugeMetricFamily("vmfabric_vms", "VMs by state", labels=["state"])
         with self._ctl.uow() as uow:
             rows = uow.session.execute(
-                select(Network.name, Subnet.cidr, Subnet.used, Subnet.capacity).join(Network)
+                select(Network.name, Subnet.cidr, func.count(Allocation.id), Subnet.capacity)
+                .join(Network)
+                .outerjoin(Allocation, Allocation.subnet_id == Subnet.id)
+                .group_by(Subnet.id, Network.name)
             )
             for network, cidr, in_use, size in rows:
                 used.add_metric([network, cidr], in_use)

@@ -153,7 +153,7 @@ def _store_network(
         for subnet, plan in zip(network.subnets, plans, strict=True):
             allocator.seed_free_ranges(uow.connection, subnet.id, plan.initial_free())
         uow.commit()
-        return network_info(network), network_view(network)
+        return network_info(network), network_view(network, {})
 
 
 def _subnet_row(plan: SubnetPlan) -> Subnet:
@@ -164,7 +164,6 @@ def _subnet_row(plan: SubnetPlan) -> Subnet:
         dhcp_server=str(plan.dhcp_server) if plan.dhcp_server else None,
         ipv6_mode=plan.ipv6_mode.value if plan.ipv6_mode else None,
         capacity=str(plan.capacity()),
-        used=0,
         reserved=[
             ReservedRange(first_key=address_key(r.first), last_key=address_key(r.last))
             for r in plan.reserved
@@ -214,13 +213,18 @@ def network_infos(ctl: Controller) -> list[NetworkInfo]:
 def list_networks(ctl: Controller) -> list[NetworkView]:
     """Every network with its subnets."""
     with ctl.uow() as uow:
-        return [network_view(n) for n in repository.list_networks(uow.session)]
+        found = repository.list_networks(uow.session)
+        used = allocator.used(uow.connection, [s.id for n in found for s in n.subnets])
+        return [network_view(n, used) for n in found]
 
 
 def show_network(ctl: Controller, name: str) -> NetworkView:
     """One network with its subnets and how full they are."""
     with ctl.uow() as uow:
-        return network_view(repository.get_network(uow.session, name))
+        network = repository.get_network(uow.session, name)
+        return network_view(
+            network, allocator.used(uow.connection, [s.id for s in network.subnets])
+        )
 
 
 def delete_network(ctl: Controller, name: str) -> None:

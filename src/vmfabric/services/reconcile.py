@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from vmfabric.services.context import Controller
 from vmfabric.services.leases import sync_leases
 from vmfabric.services.networks import network_infos, provision
-from vmfabric.services.vms import recover_interrupted_creates
+from vmfabric.services.vms import recover_interrupted_creates, resume_vms
 
 log = logging.getLogger(__name__)
 
@@ -19,21 +19,25 @@ class ReconcileReport:
 
     undone_creates: list[str]
     networks: list[str]
+    resumed_vms: list[str]
 
 
 def reconcile(ctl: Controller) -> ReconcileReport:
-    """Undo interrupted creates, then rebuild each network's gateway, DHCP and reservations,
-    and catch up on the leases its DHCP server handed out meanwhile."""
+    """Undo interrupted creates, rebuild each network's gateway, DHCP and reservations, catch
+    up on the leases its DHCP server handed out meanwhile, and start VMs that should run."""
     undone = recover_interrupted_creates(ctl)
     networks = network_infos(ctl)
     lease_changes = 0
     for network in networks:
         provision(ctl, network)
         lease_changes += sync_leases(ctl, network.name, ctl.dhcp.leases(network.name))
+    resumed = resume_vms(ctl)
     log.info(
-        "reconciled %d networks (%d lease changes caught up), undid %d interrupted creates",
+        "reconciled %d networks (%d lease changes caught up), undid %d interrupted creates, "
+        "started %d VMs that should run",
         len(networks),
         lease_changes,
         len(undone),
+        len(resumed),
     )
-    return ReconcileReport(undone, [n.name for n in networks])
+    return ReconcileReport(undone, [n.name for n in networks], resumed)

@@ -6,7 +6,7 @@ never rename them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -79,8 +79,8 @@ def host_view(host: Host, vms: int) -> HostView:
     return HostView(host.name, host.driver, host.uri, host.bridge, vms)
 
 
-def subnet_view(subnet: Subnet) -> SubnetView:
-    """The view of a stored subnet."""
+def subnet_view(subnet: Subnet, used: int) -> SubnetView:
+    """The view of a stored subnet with `used` of its addresses given to NICs."""
     reserved = [
         _range_text(subnet.version, AddressRange(key_value(r.first_key), key_value(r.last_key)))
         for r in subnet.reserved
@@ -93,7 +93,7 @@ def subnet_view(subnet: Subnet) -> SubnetView:
         subnet.ipv6_mode,
         reserved,
         int(subnet.capacity),
-        subnet.used,
+        used,
     )
 
 
@@ -102,11 +102,10 @@ def _range_text(version: int, block: AddressRange) -> str:
     return first if block.size == 1 else f"{first}-{address_text(version, block.last)}"
 
 
-def network_view(network: Network) -> NetworkView:
-    """The view of a stored network."""
-    return NetworkView(
-        network.name, network.kind, network.vlan, [subnet_view(s) for s in network.subnets]
-    )
+def network_view(network: Network, used: Mapping[int, int]) -> NetworkView:
+    """The view of a stored network; `used` counts addresses in use by subnet id."""
+    subnets = [subnet_view(s, used.get(s.id, 0)) for s in network.subnets]
+    return NetworkView(network.name, network.kind, network.vlan, subnets)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from vmfabric.domain.model import DefinedVm, Ipv6Mode, NicSpec, Reservation, VmS
 from vmfabric.domain.names import check_name, normalize_mac
 from vmfabric.hypervisor import Hypervisor, HypervisorError
 from vmfabric.process_identity import owner_alive
-from vmfabric.services.context import Controller, transaction
+from vmfabric.services.context import Controller, HostRef, transaction
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.networks import plan_of
 from vmfabric.services.views import (
@@ -39,7 +39,7 @@ from vmfabric.services.views import (
 )
 from vmfabric.store import allocator, repository
 from vmfabric.store.repository import HostRecord, NetworkRecord, SubnetRecord
-from vmfabric.store.tables import Allocation, Nic, Vm, utcnow
+from vmfabric.store.tables import Allocation, Host, Nic, Vm, utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,7 +104,9 @@ def create_vm(ctl: Controller, request: CreateVm) -> VmView:
     """Create a VM whose NICs get exactly the preset addresses from DHCP.
 
     It is the hot path of the controller, so its transactions are Core statements and its
-    answer is built from what it wrote, not read back.
+    answer is built from what it wrote, not read back. The VM is recorded as running with
+    its MACs, just before it starts: a controller killed in between finds it defined and not
+    running when it restarts, and starts it (`resume_vms`).
     """
     _check_request(request)
     preset = ctl.writes.run(partial(_preset, ctl, request))
@@ -113,7 +115,6 @@ def create_vm(ctl: Controller, request: CreateVm) -> VmView:
         nics = _define(ctl, hypervisor, request, preset)
         _put_all(ctl, [_reservation(request.name, n) for n in nics])
         _call(hypervisor.start, request.name)
-        _set_state(ctl, request.name, VmState.RUNNING)
     except BaseException:
         _undo_create(ctl, request.name, hypervisor)
         raise
@@ -142,9 +143,7 @@ def _check_request(request: CreateVm) -> None:
 
 def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
     """Step 1 of the patent: fix every NIC's address before the VM exists."""
-    host = repository.host_record(conn, request.host)
-    if repository.vm_id(conn, request.name) is not None:
-        raise Conflict(f"VM {request.name!r} already exists", vm=request.name)
+    host = repository.host_for_new_vm(conn, request.host, request.name)
     created = utcnow()
     vm_id = repository.insert_row(
         conn,
@@ -232,11 +231,14 @@ def _take_any(
         value = allocator.take_lowest(conn, subnet.id)
         if value is not None:
             return _held(subnet, allocator.assign(conn, subnet.id, subnet.version, nic_id, value))
-    fullness = "; ".join(f"{s.cidr} has {s.used} of {s.capacity} addresses in use" for s in subnets)
+    used = allocator.used(conn, [s.id for s in subnets])
+    fullness = "; ".join(
+        f"{s.cidr} has {used[s.id]} of {s.capacity} addresses in use" for s in subnets
+    )
     raise Exhausted(
         f"network {network.name!r} has no free IPv{subnets[0].version} address: {fullness}",
         network=network.name,
-        subnets=[{"cidr": s.cidr, "used": s.used, "capacity": s.capacity} for s in subnets],
+        subnets=[{"cidr": s.cidr, "used": used[s.id], "capacity": s.capacity} for s in subnets],
     )
 
 
@@ -268,7 +270,8 @@ def _define(
 
 
 def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[_PresetNic]:
-    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply."""
+    """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply; the VM
+    is no longer a create in progress but one that runs."""
     if len(defined.macs) != len(preset.nics):
         raise Unavailable(
             f"hypervisor returned {len(defined.macs)} MACs for {len(preset.nics)} NICs "
@@ -282,6 +285,7 @@ def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[
     for nic, mac in zip(preset.nics, macs, strict=True):
         conn.execute(_SET_MAC, {"nic_id": nic.id, "new_mac": mac})
         nics.append(replace(nic, mac=mac, held=nic.held + _claim_slaac(conn, nic, mac)))
+    _write_state(defined.name, VmState.RUNNING, conn)
     return nics
 
 
@@ -472,6 +476,34 @@ def recover_interrupted_creates(ctl: Controller) -> list[str]:
         log.warning("undoing the interrupted create of VM %s", name)
         _undo_create(ctl, name, ctl.agents.hypervisor(host))
     return [name for name, _ in stale]
+
+
+def resume_vms(ctl: Controller) -> list[str]:
+    """Start the VMs recorded as running that their host has defined but not running.
+
+    A create records the VM as running just before starting it, so a controller killed in
+    between leaves one so; a host may also have lost a VM's processes. VMs stopped on purpose
+    are recorded as stopped and stay so. A host that cannot be asked is skipped.
+    """
+    with ctl.uow() as uow:
+        rows = uow.session.execute(
+            select(Vm.name, Host).join(Host).where(Vm.state == VmState.RUNNING.value)
+        ).all()
+        wanted: dict[HostRef, set[str]] = {}
+        for name, stored_host in rows:
+            wanted.setdefault(host_ref(stored_host), set()).add(name)
+    resumed = []
+    for host, names in wanted.items():
+        hypervisor = ctl.agents.hypervisor(host)
+        try:
+            listed = hypervisor.list_vms()
+            for name in sorted(v.name for v in listed if v.name in names and not v.running):
+                log.warning("VM %s should run on %s but does not; starting it", name, host.name)
+                hypervisor.start(name)
+                resumed.append(name)
+        except HypervisorError:
+            log.exception("could not check the VMs of host %s", host.name)
+    return resumed
 
 
 def _aware(moment: datetime) -> datetime:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, func, insert, select, update
 
 from vmfabric.domain.errors import Conflict
 from vmfabric.domain.ipam import (
@@ -50,11 +50,6 @@ _MOVE_RANGE = (
     .where(FreeRange.id == bindparam("row_id"))
     .values(first_key=bindparam("new_first"), last_key=bindparam("new_last"))
 )
-_COUNT_USED = (
-    update(Subnet)
-    .where(Subnet.id == bindparam("subnet_id"))
-    .values(used=Subnet.used + bindparam("by"))
-)
 _DROP_ALLOCATION = delete(Allocation).where(
     Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
 )
@@ -65,6 +60,11 @@ _HOLDER = (
     .where(
         Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
     )
+)
+_USED = (
+    select(Allocation.subnet_id, func.count())
+    .where(Allocation.subnet_id.in_(bindparam("subnet_ids", expanding=True)))
+    .group_by(Allocation.subnet_id)
 )
 _LOCK_SUBNET = select(Subnet.id).where(Subnet.id == bindparam("subnet_id")).with_for_update()
 
@@ -135,7 +135,6 @@ def assign(conn: Connection, subnet_id: int, version: int, nic_id: int, value: i
             "address_key": address_key(value),
         },
     )
-    conn.execute(_COUNT_USED, {"subnet_id": subnet_id, "by": 1})
     return address
 
 
@@ -144,7 +143,13 @@ def release(conn: Connection, subnet_id: int, value: int, *, to_free_space: bool
     conn.execute(_DROP_ALLOCATION, {"subnet_id": subnet_id, "key": address_key(value)})
     if to_free_space:
         give_back(conn, subnet_id, value)
-    conn.execute(_COUNT_USED, {"subnet_id": subnet_id, "by": -1})
+
+
+def used(conn: Connection, subnet_ids: Sequence[int]) -> dict[int, int]:
+    """How many addresses of each subnet are given to NICs (counted, never stored)."""
+    counts = {subnet_id: 0 for subnet_id in subnet_ids}
+    counts.update((row[0], row[1]) for row in conn.execute(_USED, {"subnet_ids": list(subnet_ids)}))
+    return counts
 
 
 def ensure_not_held(conn: Connection, subnet_id: int, address: IPAddress) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Select, bindparam, insert, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from vmfabric.domain.errors import NotFound
+from vmfabric.domain.errors import Conflict, NotFound
 from vmfabric.domain.ipam import AddressRange, key_value
 from vmfabric.store.tables import (
     Allocation,
@@ -48,7 +48,6 @@ class SubnetRecord:
     dhcp_server: str | None
     ipv6_mode: str | None
     capacity: int
-    used: int
     reserved: tuple[AddressRange, ...]
 
 
@@ -63,9 +62,14 @@ class NetworkRecord:
     subnets: tuple[SubnetRecord, ...]
 
 
-_HOST = select(Host.id, Host.name, Host.driver, Host.uri, Host.bridge).where(
-    Host.name == bindparam("name")
-)
+_HOST_FOR_VM = select(
+    Host.id,
+    Host.name,
+    Host.driver,
+    Host.uri,
+    Host.bridge,
+    select(Vm.id).where(Vm.name == bindparam("vm")).scalar_subquery().label("vm_id"),
+).where(Host.name == bindparam("name"))
 _NETWORK = (
     select(
         Network.id.label("network_id"),
@@ -78,7 +82,6 @@ _NETWORK = (
         Subnet.dhcp_server,
         Subnet.ipv6_mode,
         Subnet.capacity,
-        Subnet.used,
         ReservedRange.first_key,
         ReservedRange.last_key,
     )
@@ -87,14 +90,15 @@ _NETWORK = (
     .where(Network.name == bindparam("name"))
     .order_by(Subnet.id, ReservedRange.first_key)
 )
-_VM_ID = select(Vm.id).where(Vm.name == bindparam("name"))
 
 
-def host_record(conn: Connection, name: str) -> HostRecord:
-    """The host called `name`."""
-    row = conn.execute(_HOST, {"name": name}).first()
+def host_for_new_vm(conn: Connection, name: str, vm: str) -> HostRecord:
+    """The host called `name`, when no VM called `vm` exists yet (one query for both)."""
+    row = conn.execute(_HOST_FOR_VM, {"name": name, "vm": vm}).first()
     if row is None:
         raise NotFound(f"unknown host {name!r}", host=name)
+    if row.vm_id is not None:
+        raise Conflict(f"VM {vm!r} already exists", vm=vm)
     return HostRecord(row.id, row.name, row.driver, row.uri, row.bridge)
 
 
@@ -117,7 +121,6 @@ def network_record(conn: Connection, name: str) -> NetworkRecord:
             row.dhcp_server,
             row.ipv6_mode,
             int(row.capacity),
-            row.used,
             tuple(reserved[row.id]),
         )
         for row in rows
@@ -132,11 +135,6 @@ def insert_row(conn: Connection, table: type[Base], values: dict[str, object]) -
     if key is None:
         raise RuntimeError("the database returned no id for the new row")
     return int(key[0])
-
-
-def vm_id(conn: Connection, name: str) -> int | None:
-    """The row id of the VM called `name`, if there is one."""
-    return conn.scalar(_VM_ID, {"name": name})
 
 
 def get_host(session: Session, name: str) -> Host:

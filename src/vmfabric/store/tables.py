@@ -53,7 +53,7 @@ class Network(Base):
 
 
 class Subnet(Base):
-    """An IPv4 or IPv6 subnet of a network; `used` counts the addresses given to NICs."""
+    """An IPv4 or IPv6 subnet of a network; its addresses in use are its allocations."""
 
     __tablename__ = "subnets"
 
@@ -65,7 +65,6 @@ class Subnet(Base):
     dhcp_server: Mapped[str | None] = mapped_column(String(64))
     ipv6_mode: Mapped[str | None] = mapped_column(String(16))
     capacity: Mapped[str] = mapped_column(String(40))
-    used: Mapped[int] = mapped_column(Integer, default=0)
     network: Mapped[Network] = relationship(back_populates="subnets")
     reserved: Mapped[list[ReservedRange]] = relationship(
         order_by="ReservedRange.first_key", cascade="all, delete-orphan"
