@@ -3,7 +3,11 @@
 A real `vmfabric serve` on SQLite with the real dnsmasq driver writing one reservation file
 per NIC; concurrent clients create VMs with automatic addresses in a /16. Prints one JSON line.
 
-    uv run python bench/bench_api_creates.py [--vms 2000] [--clients 16]
+    uv run python bench/bench_api_creates.py [--vms 2000] [--clients 16] [--server-cpu 1]
+
+The controller is one Python process; its threads (HTTP loop, request workers, the database
+writer) hand the interpreter lock to each other many times per create, which costs much more
+when they run on different CPUs: `--server-cpu` measures it kept on one.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_controller(state: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_controller(state: Path, cpu: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`vmfabric serve` on a fresh state directory, on one CPU if `cpu` is given."""
     listen = f"127.0.0.1:{free_port()}"
+    pin = ["taskset", "--cpu-list", str(cpu)] if cpu is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "vmfabric.cli.main", "serve", "--listen", listen],
+        [*pin, sys.executable, "-m", "vmfabric.cli.main", "serve", "--listen", listen],
         env={**os.environ, "VMFABRIC_STATE": str(state)},
         stdout=subprocess.DEVNULL,
         stderr=(state / "controller.log").open("wb"),
@@ -50,9 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--server-cpu", type=int, help="run the controller on this CPU only (taskset)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_controller(Path(tmp))
+        process, url = start_controller(Path(tmp), args.server_cpu)
         try:
             client = httpx.Client(
                 base_url=f"{url}/api/v1",
@@ -79,6 +88,7 @@ def main() -> None:
                 "bench": "api_creates",
                 "vms": args.vms,
                 "clients": args.clients,
+                "server_cpu": args.server_cpu,
                 "failed": sum(1 for s in statuses if s != 201),
                 "seconds": round(elapsed, 3),
                 "creates_per_second": round(args.vms / elapsed, 1),

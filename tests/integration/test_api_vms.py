@@ -274,3 +274,10 @@ def test_a_host_that_keeps_choosing_taken_macs_gets_a_conflict_and_nothing_stays
     assert "MACs already in use" in response.json()["detail"]
     assert snapshot(api) == before
     assert hypervisor.list_vms() == []
+
+
+def test_create_answers_with_the_same_vm_that_show_returns(api: TestClient) -> None:
+    setup_cloud(api)
+    created = create(api, "first", "10.0.0.50").json()
+    assert created == api.get("/api/v1/vms/first").json()
+    assert created["created_at"].endswith("Z")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from vmfabric.domain.ipam import AddressRange, address_text, key_value
 from vmfabric.domain.model import Ipv6Mode, Reservation
@@ -145,11 +145,15 @@ def nic_view(nic: Nic) -> NicView:
     return nic_view_of(nic.network.name, nic.mac, held_addresses(nic))
 
 
+def as_utc(moment: datetime) -> datetime:
+    """Stored times are UTC; SQLite hands them back without their time zone."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def vm_view(vm: Vm) -> VmView:
     """The view of a stored VM."""
-    return VmView(
-        vm.name, vm.host.name, vm.image, vm.state, [nic_view(n) for n in vm.nics], vm.created_at
-    )
+    nics = [nic_view(n) for n in vm.nics]
+    return VmView(vm.name, vm.host.name, vm.image, vm.state, nics, as_utc(vm.created_at))
 
 
 def reservation_for(

@@ -32,6 +32,7 @@ from vmfabric.services.networks import plan_of
 from vmfabric.services.views import (
     HeldAddress,
     VmView,
+    as_utc,
     nic_view_of,
     reservation_for,
     reservation_of,
@@ -469,7 +470,7 @@ def recover_interrupted_creates(ctl: Controller) -> list[str]:
             if vm.owner != ctl.owner
             and (
                 owner_alive(vm.owner or "") is False
-                or (vm.claim_expires is not None and _aware(vm.claim_expires) < now)
+                or (vm.claim_expires is not None and as_utc(vm.claim_expires) < now)
             )
         ]
     for name, host in stale:
@@ -504,8 +505,3 @@ def resume_vms(ctl: Controller) -> list[str]:
         except HypervisorError:
             log.exception("could not check the VMs of host %s", host.name)
     return resumed
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes; they were stored in UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
