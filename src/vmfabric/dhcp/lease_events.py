@@ -108,11 +108,17 @@ def parse_lease_file(text: str, network: str, now: float | None = None) -> list[
 
 
 def _read_settled(path: Path) -> str:
-    """dnsmasq truncates its lease file and rewrites it in place: read until two reads agree."""
+    """dnsmasq truncates its lease file and rewrites it in place: read until two reads agree.
+
+    An empty file is believed only once it stayed empty for all the tries (50 ms): between
+    truncating and writing, a dnsmasq preempted on a busy machine shows an empty file for
+    several milliseconds, and taking that for "no leases" skipped or wrongly confirmed a
+    release.
+    """
     previous = None
     for _ in range(SETTLE_TRIES):
         text = path.read_text(errors="replace")
-        if text == previous:
+        if text and text == previous:
             break
         previous = text
         time.sleep(SETTLE_PAUSE_S)
