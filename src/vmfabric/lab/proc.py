@@ -26,6 +26,7 @@ from vmfabric.lab.state import ProcessRecord
 from vmfabric.process_identity import start_time
 
 DEFAULT_TIMEOUT = 30.0
+STOP_LOOKS = 5
 
 
 def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
@@ -107,13 +108,20 @@ def stop(
     """End `process` if it is still the one we started: `first`, then SIGKILL after `grace`.
 
     A daemon killed while starting may not have written its pidfile yet; any process whose
-    command line names our pidfile is that daemon (or its detaching parent) and ends too.
+    command line names our pidfile is that daemon (or its detaching parent) and ends too. A
+    detaching parent may fork its daemon just after a look for them, so they are looked for
+    again until none is left.
     """
     pid = live_pid(process)
     if pid is not None:
         end_pid(pid, lambda p: live_pid(process) == p, grace, first)
-    for other in _naming_pidfile(process):
-        end_pid(other, lambda p: _names_pidfile(process, p), grace, first)
+    for _look in range(STOP_LOOKS):
+        others = _naming_pidfile(process)
+        if not others:
+            return
+        for other in others:
+            end_pid(other, lambda p: _names_pidfile(process, p), grace, first)
+    raise LabError(f"processes naming {process.pidfile} keep appearing")
 
 
 def end_pid(
