@@ -3,10 +3,11 @@
 Creating a VM is a short saga, because the hypervisor and the DHCP server are outside the
 database: (1) one transaction presets every NIC's address and records the VM as `creating`,
 claimed by this process for a while; (2) the host's agent defines the VM and returns its MACs;
-(3) one transaction records the MACs (and SLAAC addresses derived from them); (4) the DHCP
-reservations are written; (5) the VM starts and is marked running. A failure at any step undoes
-the earlier ones. A process killed in the middle leaves a `creating` VM whose claim lapses or
-whose owner is gone; `recover_interrupted_creates` undoes it, so no address leaks.
+(3) one transaction records the MACs (and SLAAC addresses derived from them) and the VM as
+running; (4) the DHCP reservations are written; (5) the VM starts. A failure at any step undoes
+the earlier ones. A process killed before (3) leaves a `creating` VM whose claim lapses or
+whose owner is gone; `recover_interrupted_creates` undoes it, so no address leaks. One killed
+after (3) leaves a running VM that did not start; `resume_vms` starts it.
 """
 
 from __future__ import annotations
