@@ -50,12 +50,18 @@ class _Pending(Generic[T]):
 
 
 class GroupCommitter:
-    """Runs units of work in batches on one thread; `run` blocks until its unit committed."""
+    """Runs units of work in batches on one thread; `run` blocks until its unit committed.
+
+    A caller that finds nothing queued and nobody writing runs its unit on its own thread:
+    without contention there is nothing to share a commit with, and the hand-over to the
+    writer thread and back costs more than the unit.
+    """
 
     def __init__(self, engine: Engine, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
+        self._writing = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(
             target=self._serve, name="vmfabric-group-commit", daemon=True
@@ -67,7 +73,13 @@ class GroupCommitter:
         if self._closed:
             raise RuntimeError("the database writer is closed")
         pending: _Pending[T] = _Pending(unit)
-        self._queue.put(pending)
+        if self._queue.empty() and self._writing.acquire(blocking=False):
+            try:
+                self._commit_alone(pending)
+            finally:
+                self._writing.release()
+        else:
+            self._queue.put(pending)
         return pending.future.result()
 
     def queued(self) -> int:
@@ -81,14 +93,12 @@ class GroupCommitter:
         self._thread.join(timeout=30)
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._commit(batch)
+        while (first := self._queue.get()) is not None:
+            with self._writing:
+                self._commit(self._following(first))
 
-    def _next_batch(self) -> list[_Pending[Any]] | None:
-        """What is queued now (waiting for the first), or None once closed and drained."""
-        first = self._queue.get()
-        if first is None:
-            return None
+    def _following(self, first: _Pending[Any]) -> list[_Pending[Any]]:
+        """`first` and what is queued behind it now, up to `max_batch`."""
         batch = [first]
         while len(batch) < self._max_batch:
             try:
