@@ -12,11 +12,9 @@ from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from vmfabric.cli.demo import run_demo
-from vmfabric.cli.output import JsonFlag, cli_errors, emit_json, fail, steps, table
+from vmfabric.cli.output import JsonFlag, cli_errors, console, emit_json, fail, steps, table
 from vmfabric.lab import lifecycle
 from vmfabric.lab.errors import LabError, LabInputError
 
@@ -141,30 +139,33 @@ def demo(as_json: JsonFlag = False) -> None:
 
 
 def _show_status(result: dict[str, Any]) -> None:
-    console = Console()
     state = "up" if result["up"] else "down"
     hosts = ", ".join(result["hosts"]) or "-"
     console.print(f"lab {state} ({result['state_dir']}); hosts: {hosts}")
-    vms = Table("VM", "host", "running", "NICs", title="VMs")
-    for vm in result["vms"]:
-        nics = ", ".join(f"{n['ifname']} {n['mac']} {n['network']}/{n['vlan']}" for n in vm["nics"])
-        vms.add_row(vm["name"], vm["host"], "yes" if vm["running"] else "no", nics)
-    networks = Table("network", "kind", "VLAN", "router", "DHCP", title="Networks")
-    for net in result["networks"]:
-        networks.add_row(
-            net["name"], net["kind"], str(net["vlan"]), net["router_netns"], net["dhcp_netns"]
+    vms = [
+        (
+            vm["name"],
+            vm["host"],
+            "yes" if vm["running"] else "no",
+            ", ".join(f"{n['ifname']} {n['mac']} {n['network']}/{n['vlan']}" for n in vm["nics"]),
         )
-    processes = Table("process", "pid", "alive", "namespace", title="Processes")
-    for process in result["processes"]:
-        processes.add_row(
-            process["name"],
-            str(process["pid"]),
-            "yes" if process["alive"] else "no",
-            process["netns"] or "-",
-        )
-    for view in (vms, networks, processes):
-        if view.row_count:
-            console.print(view)
+        for vm in result["vms"]
+    ]
+    networks = [
+        (net["name"], net["kind"], net["vlan"], net["router_netns"], net["dhcp_netns"])
+        for net in result["networks"]
+    ]
+    processes = [
+        (p["name"], p["pid"], "yes" if p["alive"] else "no", p["netns"] or "-")
+        for p in result["processes"]
+    ]
+    for title, columns, rows in (
+        ("VMs", ("VM", "HOST", "RUNNING", "NICS"), vms),
+        ("Networks", ("NETWORK", "KIND", "VLAN", "ROUTER", "DHCP"), networks),
+        ("Processes", ("PROCESS", "PID", "ALIVE", "NAMESPACE"), processes),
+    ):
+        if rows:
+            table(title, columns, rows)
 
 
 def main() -> None:
