@@ -2,7 +2,7 @@
 # first (Debian packages, uv, the Python environment).
 
 APT_PACKAGES := openvswitch-switch dnsmasq-base qemu-guest-agent busybox iproute2 ethtool \
-	libvirt-dev pkg-config bind9-dnsutils socat procps python3-dev gcc
+	libvirt-dev pkg-config bind9-dnsutils socat procps python3-dev gcc postgresql
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 
 .PHONY: install apt uv sync demo test lint unit lab bench down
@@ -21,7 +21,7 @@ uv:
 	@[ -x "$(UV)" ] || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
 
 sync: uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --extra postgresql --quiet
 
 demo: install
 	@$(UV) run vmfabric lab demo

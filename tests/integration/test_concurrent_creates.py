@@ -74,9 +74,15 @@ class Controller:
             self.process.wait(timeout=10)
 
 
-@pytest.fixture
-def two_controllers(state: Path) -> Iterator[tuple[Controller, Controller]]:
-    db = f"sqlite:///{state / 'shared.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_controllers(
+    state: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Controller, Controller]]:
+    """Two controller processes sharing one database, SQLite or PostgreSQL."""
+    if request.param == "postgresql":
+        db = request.getfixturevalue("postgresql_url")
+    else:
+        db = f"sqlite:///{state / 'shared.db'}"
     pair = (Controller(state, db), Controller(state, db))
     try:
         for controller in pair:
