@@ -16,7 +16,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from figures import cpu_seconds, free_port
 
 
 def start_controller(state: Path, cpu: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
@@ -52,12 +47,6 @@ def start_controller(state: Path, cpu: int | None = None) -> tuple[subprocess.Po
         except httpx.HTTPError:
             time.sleep(0.1)
     raise RuntimeError("controller did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process used (user + system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def create_all(url: str, clients: int, vms: int) -> list[int]:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lab"))
 
 from test_dnsmasq_lab import VethLab, stop_our_dnsmasqs
 
-from bench_dhcp import summary
+from figures import free_port, summary
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
@@ -58,12 +57,6 @@ class VethFabric:
 
     def remove_network(self, name: str) -> None:
         """Nothing to remove: the namespaces go with the lab."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager

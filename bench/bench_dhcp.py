@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lab"))
 
 from test_dnsmasq_lab import (
@@ -49,6 +49,7 @@ from test_dnsmasq_lab import (
     stop_our_dnsmasqs,
 )
 
+from figures import cpu_seconds, summary
 from vmfabric.dhcp.dnsmasq import (
     DnsmasqServer,
     NetworkFiles,
@@ -73,27 +74,6 @@ def pool_ip(index: int, alternate: bool = False) -> str:
     """Two addresses per MAC, never shared with another MAC, so every state is valid."""
     block = 10 + index // 250 + (60 if alternate else 0)
     return f"10.77.{block}.{index % 250 + 2}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {
-        "n": len(ms),
-        "p50": round(statistics.median(ms), 1),
-        "p99": round(percentile(ms, 0.99), 1),
-        "max": round(max(ms), 1),
-    }
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process used (user + system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until_quiet(log_file: Path) -> float:
