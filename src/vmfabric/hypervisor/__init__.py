@@ -17,6 +17,10 @@ class HypervisorError(Exception):
 class Hypervisor(Protocol):
     """What the host agent asks of a hypervisor. Every method is idempotent where it can be."""
 
+    blocks: bool
+    """Whether its calls wait on something outside the process (a hypervisor daemon, the
+    kernel): the controller then makes them from a worker thread, not its event loop."""
+
     def define(self, spec: VmSpec) -> DefinedVm:
         """Create the VM (not started) and return the MACs the hypervisor chose or kept."""
         ...

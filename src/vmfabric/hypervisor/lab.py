@@ -38,6 +38,8 @@ def _failing_as(what: str) -> Iterator[None]:
 class LabHypervisor:
     """`vmfabric.hypervisor.Hypervisor` for one lab host (`hv1`, `hv2`, ...)."""
 
+    blocks = True
+
     def __init__(self, host: str, store: LabStore | None = None) -> None:
         with _failing_as("cannot drive lab host"):
             self.host = check_label("host", host)

@@ -269,6 +269,8 @@ class LibvirtHypervisor:
     a slow graceful shutdown of one VM does not hold up the others.
     """
 
+    blocks = True
+
     def __init__(
         self,
         uri: str,

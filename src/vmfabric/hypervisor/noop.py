@@ -16,6 +16,8 @@ from vmfabric.domain.model import DefinedVm, HypervisorVm, VmSpec
 class NoopHypervisor:
     """Remembers VMs in memory; nothing runs."""
 
+    blocks = False
+
     def __init__(self) -> None:
         self._vms: dict[str, HypervisorVm] = {}
         self._lock = threading.Lock()

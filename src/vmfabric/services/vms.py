@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import ParamSpec, TypeVar
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Connection, bindparam, delete, select, update
 
 from vmfabric.domain.errors import Conflict, Exhausted, InvalidInput, Unavailable
@@ -102,24 +104,27 @@ class _Preset:
     nics: tuple[_PresetNic, ...]
 
 
-def create_vm(ctl: Controller, request: CreateVm) -> VmView:
+async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
     """Create a VM whose NICs get exactly the preset addresses from DHCP.
 
-    It is the hot path of the controller, so its transactions are Core statements and its
-    answer is built from what it wrote, not read back. The VM is recorded as running with
-    its MACs, just before it starts: a controller killed in between finds it defined and not
-    running when it restarts, and starts it (`resume_vms`).
+    It is the hot path of the controller, so it runs on the event loop: its transactions go to
+    the database writer (Core statements, several creates per commit) and only host calls that
+    block take a worker thread; its answer is built from what it wrote, not read back. The VM
+    is recorded as running with its MACs just before it starts: a controller killed in between
+    finds it defined and not running when it restarts, and starts it (`resume_vms`). A create
+    that began is finished or undone even if the client goes away meanwhile.
     """
     _check_request(request)
-    preset = ctl.writes.run(partial(_preset, ctl, request))
-    hypervisor = ctl.agents.hypervisor(host_ref(preset.host))
-    try:
-        nics = _define(ctl, hypervisor, request, preset)
-        _put_all(ctl, [_reservation(request.name, n) for n in nics])
-        _call(hypervisor.start, request.name)
-    except BaseException:
-        _undo_create(ctl, request.name, hypervisor)
-        raise
+    with anyio.CancelScope(shield=True):
+        preset = await ctl.writes.run_async(partial(_preset, ctl, request))
+        hypervisor = ctl.agents.hypervisor(host_ref(preset.host))
+        try:
+            nics = await _define(ctl, hypervisor, request, preset)
+            _put_all(ctl, [_reservation(request.name, n) for n in nics])
+            await _on_host(hypervisor, hypervisor.start, request.name)
+        except BaseException:
+            await anyio.to_thread.run_sync(_undo_create, ctl, request.name, hypervisor)
+            raise
     views = [nic_view_of(n.network.name, n.mac, n.held) for n in nics]
     return VmView(
         request.name,
@@ -248,7 +253,7 @@ class _MacTaken(Exception):
     """The hypervisor chose a MAC that a NIC of another VM already has."""
 
 
-def _define(
+async def _define(
     ctl: Controller, hypervisor: Hypervisor, request: CreateVm, preset: _Preset
 ) -> list[_PresetNic]:
     """Steps 2 and 3: the host defines the VM and chooses its MACs, which are recorded.
@@ -258,12 +263,12 @@ def _define(
     chance among 2,500 VMs). Such a VM is defined afresh, which draws new MACs.
     """
     for _attempt in range(DEFINE_ATTEMPTS):
-        defined = _call(hypervisor.define, _spec(request, preset))
+        defined = await _on_host(hypervisor, hypervisor.define, _spec(request, preset))
         try:
-            return ctl.writes.run(partial(_record_macs, preset, defined))
+            return await ctl.writes.run_async(partial(_record_macs, preset, defined))
         except _MacTaken as taken:
             log.info("VM %s: %s; defining it again", request.name, taken)
-            _call(hypervisor.undefine, request.name)
+            await _on_host(hypervisor, hypervisor.undefine, request.name)
     raise Conflict(
         f"host {preset.host.name!r} chose MACs already in use {DEFINE_ATTEMPTS} times "
         f"for VM {request.name!r}",
@@ -337,6 +342,15 @@ def _call(operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return operation(*args, **kwargs)
     except HypervisorError as error:
         raise Unavailable(str(error)) from error
+
+
+async def _on_host(
+    hypervisor: Hypervisor, operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`_call` from the event loop: in a worker thread when the driver blocks."""
+    if hypervisor.blocks:
+        return await anyio.to_thread.run_sync(partial(_call, operation, *args, **kwargs))
+    return _call(operation, *args, **kwargs)
 
 
 def _undo_create(ctl: Controller, name: str, hypervisor: Hypervisor) -> None:

@@ -16,6 +16,7 @@ run alone is retried on the errors a race with another process gives (`RETRYING`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -81,6 +82,16 @@ class GroupCommitter:
         else:
             self._queue.put(pending)
         return pending.future.result()
+
+    async def run_async(self, unit: Callable[[Connection], T]) -> T:
+        """`run` for the event loop: the unit always goes to the writer thread, so the loop
+        never waits on the database (a lock another process holds can take seconds), and one
+        batch's callers are woken together."""
+        if self._closed:
+            raise RuntimeError("the database writer is closed")
+        pending: _Pending[T] = _Pending(unit)
+        self._queue.put(pending)
+        return await asyncio.wrap_future(pending.future)
 
     def queued(self) -> int:
         """Units waiting for the writer thread (approximate, as queues are)."""
