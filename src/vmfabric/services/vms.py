@@ -21,7 +21,7 @@ from typing import ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy import Connection, delete, select
 
 from vmfabric.domain.errors import Conflict, Exhausted, InvalidInput, Unavailable
 from vmfabric.domain.ipam import IPAddress, eui64_address, key_value, parse_address, parse_network
@@ -51,19 +51,6 @@ P = ParamSpec("P")
 
 DEFAULT_IMAGE = "debian12"
 DEFINE_ATTEMPTS = 3
-
-_SET_MAC = update(Nic).where(Nic.id == bindparam("nic_id")).values(mac=bindparam("new_mac"))
-_MAC_HOLDER = (
-    select(Nic.mac, Vm.name)
-    .join(Vm, Vm.id == Nic.vm_id)
-    .where(Nic.mac.in_(bindparam("macs", expanding=True)), Nic.vm_id != bindparam("vm_id"))
-    .limit(1)
-)
-_SET_STATE = (
-    update(Vm)
-    .where(Vm.name == bindparam("vm_name"))
-    .values(state=bindparam("new_state"), owner=None, claim_expires=None)
-)
 
 
 @dataclass(frozen=True)
@@ -152,9 +139,8 @@ def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
     """Step 1 of the patent: fix every NIC's address before the VM exists."""
     host = repository.host_for_new_vm(conn, request.host, request.name)
     created = utcnow()
-    vm_id = repository.insert_row(
+    vm_id = repository.insert_vm(
         conn,
-        Vm,
         {
             "name": request.name,
             "host_id": host.id,
@@ -168,9 +154,7 @@ def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
     nics = []
     for position, nic_request in enumerate(request.nics):
         network = repository.network_record(conn, nic_request.network)
-        nic_id = repository.insert_row(
-            conn, Nic, {"vm_id": vm_id, "network_id": network.id, "position": position}
-        )
+        nic_id = repository.insert_nic(conn, vm_id, network.id, position)
         held = _preset_addresses(conn, network, nic_id, nic_request.address)
         nics.append(_PresetNic(nic_id, network, held))
     return _Preset(vm_id, host, created, tuple(nics))
@@ -285,12 +269,13 @@ def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[
             f"of {defined.name!r}"
         )
     macs = [normalize_mac(m) for m in defined.macs]
-    holder = conn.execute(_MAC_HOLDER, {"macs": macs, "vm_id": preset.vm_id}).first()
-    if holder is not None:
-        raise _MacTaken(f"MAC {holder.mac} is already VM {holder.name!r}'s")
+    for mac in macs:
+        holder = repository.mac_holder(conn, mac, preset.vm_id)
+        if holder is not None:
+            raise _MacTaken(f"MAC {mac} is already VM {holder!r}'s")
     nics = []
     for nic, mac in zip(preset.nics, macs, strict=True):
-        conn.execute(_SET_MAC, {"nic_id": nic.id, "new_mac": mac})
+        repository.set_mac(conn, nic.id, mac)
         nics.append(replace(nic, mac=mac, held=nic.held + _claim_slaac(conn, nic, mac)))
     _write_state(defined.name, VmState.RUNNING, conn)
     return nics
@@ -333,7 +318,7 @@ def _set_state(ctl: Controller, name: str, state: VmState) -> None:
 
 
 def _write_state(name: str, state: VmState, conn: Connection) -> None:
-    conn.execute(_SET_STATE, {"vm_name": name, "new_state": state.value})
+    repository.set_vm_state(conn, name, state.value)
 
 
 def _call(operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

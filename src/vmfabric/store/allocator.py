@@ -6,9 +6,9 @@ transaction holds the database's write lock from its start (BEGIN IMMEDIATE); on
 the subnet row is locked first. The unique key on (subnet, address) is the last line: a
 violation aborts the transaction, and the service retries it.
 
-Allocation is on the hot path of every VM create, so it is written as Core statements, built
-once with bound parameters, on the transaction's connection: the ORM's unit-of-work
-bookkeeping, and even building a statement per call, cost several times the SQL itself.
+Allocation is on the hot path of every VM create, so its statements are built once and run as
+`Prepared` statements on the transaction's connection: the ORM's unit-of-work bookkeeping,
+and even SQLAlchemy's per-call execution machinery, cost several times the SQL itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from vmfabric.domain.errors import Conflict
 from vmfabric.domain.ipam import (
@@ -27,33 +27,43 @@ from vmfabric.domain.ipam import (
     key_value,
     released,
 )
+from vmfabric.store.prepared import Prepared, PreparedInsert
 from vmfabric.store.tables import Allocation, FreeRange, Nic, Subnet, Vm
 
 _RANGE_COLUMNS = (FreeRange.id, FreeRange.first_key, FreeRange.last_key)
-_LOWEST = (
+_LOWEST = Prepared(
     select(*_RANGE_COLUMNS)
     .where(FreeRange.subnet_id == bindparam("subnet_id"))
     .order_by(FreeRange.first_key)
     .limit(1)
 )
-_AT_OR_BELOW = (
+_AT_OR_BELOW = Prepared(
     select(*_RANGE_COLUMNS)
     .where(FreeRange.subnet_id == bindparam("subnet_id"), FreeRange.first_key <= bindparam("key"))
     .order_by(FreeRange.first_key.desc())
     .limit(1)
 )
-_STARTING_AT = select(*_RANGE_COLUMNS).where(
-    FreeRange.subnet_id == bindparam("subnet_id"), FreeRange.first_key == bindparam("key")
+_STARTING_AT = Prepared(
+    select(*_RANGE_COLUMNS).where(
+        FreeRange.subnet_id == bindparam("subnet_id"), FreeRange.first_key == bindparam("key")
+    )
 )
-_MOVE_RANGE = (
+_MOVE_RANGE = Prepared(
     update(FreeRange)
     .where(FreeRange.id == bindparam("row_id"))
     .values(first_key=bindparam("new_first"), last_key=bindparam("new_last"))
 )
-_DROP_ALLOCATION = delete(Allocation).where(
-    Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
+_DROP_RANGE = Prepared(delete(FreeRange).where(FreeRange.id == bindparam("row_id")))
+_INSERT_RANGE = PreparedInsert(FreeRange, "subnet_id", "first_key", "last_key")
+_INSERT_ALLOCATION = PreparedInsert(
+    Allocation, "subnet_id", "nic_id", "version", "address", "address_key"
 )
-_HOLDER = (
+_DROP_ALLOCATION = Prepared(
+    delete(Allocation).where(
+        Allocation.subnet_id == bindparam("subnet_id"), Allocation.address_key == bindparam("key")
+    )
+)
+_HOLDER = Prepared(
     select(Vm.name)
     .join(Nic, Nic.vm_id == Vm.id)
     .join(Allocation, Allocation.nic_id == Nic.id)
@@ -66,7 +76,9 @@ _USED = (
     .where(Allocation.subnet_id.in_(bindparam("subnet_ids", expanding=True)))
     .group_by(Allocation.subnet_id)
 )
-_LOCK_SUBNET = select(Subnet.id).where(Subnet.id == bindparam("subnet_id")).with_for_update()
+_LOCK_SUBNET = Prepared(
+    select(Subnet.id).where(Subnet.id == bindparam("subnet_id")).with_for_update()
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,8 @@ class _Row:
 
 def seed_free_ranges(conn: Connection, subnet_id: int, ranges: Sequence[AddressRange]) -> None:
     """Record the free space of a new subnet."""
-    if ranges:
-        conn.execute(insert(FreeRange), [_range_values(subnet_id, r) for r in ranges])
+    for block in ranges:
+        _INSERT_RANGE.row_id(conn, _range_values(subnet_id, block))
 
 
 def lock_subnet(conn: Connection, subnet_id: int) -> None:
@@ -89,7 +101,7 @@ def lock_subnet(conn: Connection, subnet_id: int) -> None:
     SQLite has none to take: its write transactions already hold the database lock.
     """
     if conn.dialect.name != "sqlite":
-        conn.execute(_LOCK_SUBNET, {"subnet_id": subnet_id})
+        _LOCK_SUBNET.rows(conn, {"subnet_id": subnet_id})
 
 
 def take_lowest(conn: Connection, subnet_id: int) -> int | None:
@@ -125,22 +137,20 @@ def give_back(conn: Connection, subnet_id: int, value: int) -> None:
 def assign(conn: Connection, subnet_id: int, version: int, nic_id: int, value: int) -> str:
     """Record that the NIC holds address `value` (already taken from free space); its text."""
     address = address_text(version, value)
-    conn.execute(
-        insert(Allocation),
-        {
-            "subnet_id": subnet_id,
-            "nic_id": nic_id,
-            "version": version,
-            "address": address,
-            "address_key": address_key(value),
-        },
-    )
+    values = {
+        "subnet_id": subnet_id,
+        "nic_id": nic_id,
+        "version": version,
+        "address": address,
+        "address_key": address_key(value),
+    }
+    _INSERT_ALLOCATION.row_id(conn, values)
     return address
 
 
 def release(conn: Connection, subnet_id: int, value: int, *, to_free_space: bool) -> None:
     """Drop the allocation of `value`; SLAAC addresses (`to_free_space` False) have no pool."""
-    conn.execute(_DROP_ALLOCATION, {"subnet_id": subnet_id, "key": address_key(value)})
+    _DROP_ALLOCATION.rows(conn, {"subnet_id": subnet_id, "key": address_key(value)})
     if to_free_space:
         give_back(conn, subnet_id, value)
 
@@ -154,7 +164,7 @@ def used(conn: Connection, subnet_ids: Sequence[int]) -> dict[int, int]:
 
 def ensure_not_held(conn: Connection, subnet_id: int, address: IPAddress) -> None:
     """Raise Conflict naming the VM when `address` is already given to a NIC."""
-    holder = conn.scalar(_HOLDER, {"subnet_id": subnet_id, "key": address_key(int(address))})
+    holder = _HOLDER.scalar(conn, {"subnet_id": subnet_id, "key": address_key(int(address))})
     if holder is not None:
         raise Conflict(
             f"{address} is already in use by VM {holder!r}", address=str(address), vm=holder
@@ -162,12 +172,12 @@ def ensure_not_held(conn: Connection, subnet_id: int, address: IPAddress) -> Non
 
 
 def _one_range(
-    conn: Connection, statement: Select[int, str, str], subnet_id: int, value: int | None = None
+    conn: Connection, statement: Prepared, subnet_id: int, value: int | None = None
 ) -> _Row | None:
     params: dict[str, object] = {"subnet_id": subnet_id}
     if value is not None:
         params["key"] = address_key(value)
-    row = conn.execute(statement, params).first()
+    row = statement.first(conn, params)
     if row is None:
         return None
     return _Row(row.id, AddressRange(key_value(row.first_key), key_value(row.last_key)))
@@ -190,15 +200,13 @@ def _replace(
     another old row's, and (subnet, first address) is unique.
     """
     kept, dropped = old[: len(new)], old[len(new) :]
-    if dropped:
-        conn.execute(delete(FreeRange).where(FreeRange.id.in_([r.id for r in dropped])))
+    for row in dropped:
+        _DROP_RANGE.rows(conn, {"row_id": row.id})
     for row, block in zip(kept, new, strict=False):
-        conn.execute(
-            _MOVE_RANGE,
-            {
-                "row_id": row.id,
-                "new_first": address_key(block.first),
-                "new_last": address_key(block.last),
-            },
-        )
+        moved = {
+            "row_id": row.id,
+            "new_first": address_key(block.first),
+            "new_last": address_key(block.last),
+        }
+        _MOVE_RANGE.rows(conn, moved)
     seed_free_ranges(conn, subnet_id, new[len(kept) :])

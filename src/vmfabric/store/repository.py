@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Select, bindparam, insert, select
+from sqlalchemy import Connection, Select, bindparam, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from vmfabric.domain.errors import Conflict, NotFound
 from vmfabric.domain.ipam import AddressRange, key_value
+from vmfabric.store.prepared import Prepared, PreparedInsert
 from vmfabric.store.tables import (
     Allocation,
-    Base,
     Host,
     Network,
     Nic,
@@ -62,15 +62,17 @@ class NetworkRecord:
     subnets: tuple[SubnetRecord, ...]
 
 
-_HOST_FOR_VM = select(
-    Host.id,
-    Host.name,
-    Host.driver,
-    Host.uri,
-    Host.bridge,
-    select(Vm.id).where(Vm.name == bindparam("vm")).scalar_subquery().label("vm_id"),
-).where(Host.name == bindparam("name"))
-_NETWORK = (
+_HOST_FOR_VM = Prepared(
+    select(
+        Host.id,
+        Host.name,
+        Host.driver,
+        Host.uri,
+        Host.bridge,
+        select(Vm.id).where(Vm.name == bindparam("vm")).scalar_subquery().label("vm_id"),
+    ).where(Host.name == bindparam("name"))
+)
+_NETWORK = Prepared(
     select(
         Network.id.label("network_id"),
         Network.kind,
@@ -91,10 +93,28 @@ _NETWORK = (
     .order_by(Subnet.id, ReservedRange.first_key)
 )
 
+_INSERT_VM = PreparedInsert(
+    Vm, "name", "host_id", "image", "state", "owner", "claim_expires", "created_at"
+)
+_INSERT_NIC = PreparedInsert(Nic, "vm_id", "network_id", "position")
+_MAC_HOLDER = Prepared(
+    select(Vm.name)
+    .join(Nic, Nic.vm_id == Vm.id)
+    .where(Nic.mac == bindparam("mac"), Nic.vm_id != bindparam("vm_id"))
+)
+_SET_MAC = Prepared(
+    update(Nic).where(Nic.id == bindparam("nic_id")).values(mac=bindparam("new_mac"))
+)
+_SET_STATE = Prepared(
+    update(Vm)
+    .where(Vm.name == bindparam("vm_name"))
+    .values(state=bindparam("new_state"), owner=None, claim_expires=None)
+)
+
 
 def host_for_new_vm(conn: Connection, name: str, vm: str) -> HostRecord:
     """The host called `name`, when no VM called `vm` exists yet (one query for both)."""
-    row = conn.execute(_HOST_FOR_VM, {"name": name, "vm": vm}).first()
+    row = _HOST_FOR_VM.first(conn, {"name": name, "vm": vm})
     if row is None:
         raise NotFound(f"unknown host {name!r}", host=name)
     if row.vm_id is not None:
@@ -104,7 +124,7 @@ def host_for_new_vm(conn: Connection, name: str, vm: str) -> HostRecord:
 
 def network_record(conn: Connection, name: str) -> NetworkRecord:
     """The network called `name`, with its subnets and their reserved ranges (one query)."""
-    rows = conn.execute(_NETWORK, {"name": name}).all()
+    rows = _NETWORK.rows(conn, {"name": name})
     if not rows:
         raise NotFound(f"unknown network {name!r}", network=name)
     reserved: dict[int, list[AddressRange]] = {}
@@ -129,12 +149,32 @@ def network_record(conn: Connection, name: str) -> NetworkRecord:
     return NetworkRecord(first.network_id, name, first.kind, first.vlan, tuple(subnets.values()))
 
 
-def insert_row(conn: Connection, table: type[Base], values: dict[str, object]) -> int:
-    """Insert one row and return its id."""
-    key = conn.execute(insert(table), values).inserted_primary_key
-    if key is None:
-        raise RuntimeError("the database returned no id for the new row")
-    return int(key[0])
+def insert_vm(conn: Connection, values: dict[str, object]) -> int:
+    """Insert a VM row (every column but the id); its id."""
+    return _INSERT_VM.row_id(conn, values)
+
+
+def insert_nic(conn: Connection, vm_id: int, network_id: int, position: int) -> int:
+    """Insert a NIC row, without a MAC yet; its id."""
+    return _INSERT_NIC.row_id(
+        conn, {"vm_id": vm_id, "network_id": network_id, "position": position}
+    )
+
+
+def mac_holder(conn: Connection, mac: str, vm_id: int) -> str | None:
+    """The name of the VM other than `vm_id` whose NIC has this MAC, if any."""
+    holder = _MAC_HOLDER.scalar(conn, {"mac": mac, "vm_id": vm_id})
+    return None if holder is None else str(holder)
+
+
+def set_mac(conn: Connection, nic_id: int, mac: str) -> None:
+    """Record the MAC the hypervisor gave a NIC."""
+    _SET_MAC.rows(conn, {"nic_id": nic_id, "new_mac": mac})
+
+
+def set_vm_state(conn: Connection, name: str, state: str) -> None:
+    """Record a VM's state; a settled VM is nobody's claim any more."""
+    _SET_STATE.rows(conn, {"vm_name": name, "new_state": state})
 
 
 def get_host(session: Session, name: str) -> Host:
