@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vmfabric.coalescing import Coalescer
 from vmfabric.dhcp.dnsmasq import (
-    Coalescer,
     DnsmasqServer,
     NetworkFiles,
     dhcp_release_packet,

@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmfabric import config
+from vmfabric.coalescing import Coalescer
 from vmfabric.dhcp import DhcpError, lease_hook
 from vmfabric.dhcp.lease_events import read_lease_file
 from vmfabric.domain.model import (
@@ -425,90 +426,6 @@ def server_address(network: NetworkInfo, address: str) -> str | None:
         if subnet.dhcp_server and ip in ipaddress.ip_network(subnet.cidr, strict=False):
             return subnet.dhcp_server
     return None
-
-
-class Coalescer:
-    """Turns a burst of requests for one network into few runs of `action`, spaced by a window.
-
-    Used for batches, reloads (SIGHUPs) and release checks. A request after a quiet spell runs
-    at once; one within a window of the last run waits for the window's end, joined by every
-    request until then. The window is asked for when a request starts to wait, so it can follow
-    what a run costs then. A background thread runs what is due; `flush` runs it all at once.
-    """
-
-    def __init__(
-        self, action: Callable[[str], None], window: Callable[[str], float], name: str
-    ) -> None:
-        self._action = action
-        self._window = window
-        self._due: dict[str, float] = {}
-        self._last: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self.runs = 0
-        self._thread = threading.Thread(target=self._run, name=f"vmfabric-{name}", daemon=True)
-        self._thread.start()
-
-    def request(self, network: str) -> None:
-        """Ask for a run; joins the one already pending for this network, if any."""
-        with self._cond:
-            if network not in self._due:
-                last = self._last.get(network)
-                now = time.monotonic()
-                self._due[network] = now if last is None else max(now, last + self._window(network))
-                self._cond.notify()
-
-    def cancel(self, network: str) -> None:
-        """Forget a pending run (the network's server is going away)."""
-        with self._cond:
-            self._due.pop(network, None)
-
-    def pending(self) -> set[str]:
-        """Networks waiting for their run."""
-        with self._cond:
-            return set(self._due)
-
-    def flush(self) -> None:
-        """Run everything pending now."""
-        with self._cond:
-            networks = list(self._due)
-            self._due.clear()
-        self._deliver(networks)
-
-    def close(self) -> None:
-        """Run what is pending, then stop the thread."""
-        self.flush()
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
-
-    def _take_due(self) -> list[str] | None:
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                due = [n for n, at in self._due.items() if at <= now]
-                if due:
-                    for network in due:
-                        del self._due[network]
-                    return due
-                timeout = min(self._due.values(), default=now + 3600) - now
-                self._cond.wait(timeout)
-            return None
-
-    def _run(self) -> None:
-        while (due := self._take_due()) is not None:
-            self._deliver(due)
-
-    def _deliver(self, networks: list[str]) -> None:
-        for network in networks:
-            try:
-                self._action(network)
-                self.runs += 1
-            except Exception:
-                log.exception("%s for network %s failed", self._thread.name, network)
-            with self._cond:
-                self._last[network] = time.monotonic()
 
 
 @dataclass
