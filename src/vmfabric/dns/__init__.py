@@ -1,0 +1,1 @@
+"""The authoritative DNS server of the VM registrations (zones from `domain.dns_records`)."""
