@@ -49,6 +49,8 @@ class Controller:
                 self.db,
                 "--listen",
                 listen,
+                "--dns-listen",
+                "127.0.0.1:0",
             ],
             env=env,
             stdout=log,

@@ -15,6 +15,8 @@ import pytest
     [
         (["--cpu", "4096"], "error: invalid --cpu 4096: this process may run on CPUs"),
         (["--listen", "8750"], "error: invalid --listen '8750': expected HOST:PORT"),
+        (["--dns-listen", "localhost:53"], "error: invalid --dns-listen 'localhost:53': 'local"),
+        (["--dns-listen", "127.0.0.1:70000"], "error: invalid --dns-listen '127.0.0.1:70000'"),
     ],
 )
 def test_bad_serve_options_exit_2_with_one_line(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 
 from vmfabric import config
@@ -15,12 +16,14 @@ from vmfabric.api.app import create_app
 from vmfabric.api.metrics import LEASE_EVENTS
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
+from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
 from vmfabric.services.context import Controller
 from vmfabric.services.leases import record_lease_event
 from vmfabric.services.reconcile import reconcile
+from vmfabric.services.registrations import NamePublisher
 from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.group_commit import GroupCommitter
 
@@ -29,13 +32,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """`vmfabric serve` options."""
+    """`vmfabric serve` options; `dns_listen` None runs no DNS server."""
 
     db_url: str
     host: str = "127.0.0.1"
     port: int = 8750
     lab: bool = False
     token: str | None = None
+    dns_listen: tuple[str, int] | None = None
+    zone: str = config.DEFAULT_ZONE
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -61,25 +66,55 @@ def build_app(options: ServeOptions) -> FastAPI:
     """The controller's app, reconciled with the world and listening for lease events."""
     ctl = build_controller(options.db_url, options.lab)
     reconcile(ctl)
-    return create_app(ctl, lab=options.lab, token=options.token, background=_lease_listener(ctl))
+    background = _background(ctl, options)
+    return create_app(ctl, lab=options.lab, token=options.token, background=background)
 
 
-def _lease_listener(ctl: Controller) -> Callable[[], Callable[[], None]]:
+def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable[[], None]]:
+    """The lease listener and the DNS server, started with the app and stopped after it."""
+
     def on_event(event: LeaseEvent) -> None:
         changed = record_lease_event(ctl, event)
         LEASE_EVENTS.labels(event.action.value, str(changed).lower()).inc()
 
     def start() -> Callable[[], None]:
+        names = _start_names(ctl, options)
         listener = LeaseEventListener(config.lease_socket(), on_event)
         listener.start()
 
         def stop() -> None:
             listener.close()
+            if names is not None:
+                names()
             ctl.close()
 
         return stop
 
     return start
+
+
+def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] | None:
+    """Serve the zones on `options.dns_listen`, republished on every registration change;
+    the function that stops it."""
+    if options.dns_listen is None:
+        return None
+    running = ServerThread(DnsServer(options.dns_listen), loop_factory=uvloop.new_event_loop)
+    server = running.start()
+    publisher = NamePublisher(ctl, server, options.zone)
+    serials = publisher.publish_now()
+    ctl.names_changed = publisher.changed
+    log.info("DNS on %s:%d, zones %s", options.dns_listen[0], server.port, serials)
+
+    def stop() -> None:
+        ctl.names_changed = _nothing
+        publisher.close()
+        running.stop()
+
+    return stop
+
+
+def _nothing() -> None:
+    """What a registration change triggers once the DNS server stopped."""
 
 
 def serve(options: ServeOptions) -> None:

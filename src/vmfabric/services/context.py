@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
@@ -47,6 +47,9 @@ class Controller:
     owner: str
     writes: GroupCommitter
     create_claim: timedelta = timedelta(seconds=120)
+    names_changed: Callable[[], None] = field(default=lambda: None)
+    """Called after every change registrations are made of (leases, VM states, VMs); the
+    name publisher sets it when a DNS server runs."""
 
     def uow(self) -> UnitOfWork:
         """A new unit of work (one transaction)."""

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 def record_lease_event(ctl: Controller, event: LeaseEvent) -> bool:
     """Apply one event; True when it changed the stored leases."""
-    return transaction(lambda: _apply(ctl, event))
+    changed = transaction(lambda: _apply(ctl, event))
+    if changed:
+        ctl.names_changed()
+    return changed
 
 
 def sync_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int:
@@ -32,7 +35,10 @@ def sync_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int
     Run when the controller starts: events sent while it was down, or still queued in its
     socket when it was killed, never arrive.
     """
-    return transaction(lambda: _replace_leases(ctl, network, current))
+    changes = transaction(lambda: _replace_leases(ctl, network, current))
+    if changes:
+        ctl.names_changed()
+    return changes
 
 
 def _replace_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int:
