@@ -18,8 +18,11 @@ FORMERR); a transfer spans as many messages as needed, each under 64 KiB.
 
 Publishing swaps one immutable snapshot (zones, their history, the answer caches), so the loop
 never sees half a publish and needs no lock; publishers serialize on a lock among themselves.
-Records that did not change between versions keep their dnspython objects, so a publish costs
-in proportion to what changed, not to the zone.
+A publish compares texts and patches copies of the previous version's tables: record sets that
+did not change are kept as they are, and the dnspython records of a set are only made when a
+query or a transfer first needs them (then kept while the set lives). So a publish costs in
+proportion to what changed (about 50 ms for one VM changing among 6,000, 0.5 s for the first
+publish of those 6,000 VMs), not to the size of the zone.
 
 Answers. AA for names of a served zone; REFUSED (without AA) for names outside every zone and
 classes other than IN; NXDOMAIN for a name that does not exist and NODATA (NOERROR, empty
@@ -49,15 +52,26 @@ of `notify` on every new serial and when the server starts, signed with `transfe
 set, and is retried with a doubling timeout until the secondary answers or `notify_attempts`
 are spent; a newer serial replaces a NOTIFY still being retried.
 
-Answer cache. Parsing and rendering with dnspython cost tens of microseconds per query, far
-more than the lookup. So the rendered answer of a query without TSIG is cached, keyed by the
-query's wire bytes without its 2-byte ID (one cache for UDP, one for TCP, as truncation differs);
-a query with the same bytes gets the cached answer with its own ID patched in, without being
-parsed. The answer is a function of those bytes and of the zones, and the caches belong to the
-snapshot, so a publish starts with empty caches and an answer rendered from older zones can
-only land in a cache nobody reads any more. Each cache is emptied when it reaches
-`cache_entries` entries, which bounds the memory random queries can take (0 turns the cache
-off). Signed queries, transfers and error answers are never cached.
+Answer cache. Parsing a query and rendering its answer with dnspython costs a few hundred
+microseconds (about 2,200 answers a second on one core of the test machine), a hundred times
+the lookup. So the rendered answer of a query without TSIG is cached, keyed by the query's wire
+bytes without its 2-byte ID and with the question name in lower case (one cache for UDP, one
+for TCP, as truncation differs); a query with the same key gets the cached answer with its own
+ID, and its own question bytes when only the case differs (resolvers that randomize the case
+check it), without being parsed. The answer is a function of that key and of the zones, and
+the caches belong to the snapshot, so a publish starts with empty caches and an answer
+rendered from older zones can only land in a cache nobody reads any more. Each cache is
+emptied when it reaches `cache_entries` entries, which bounds the memory random queries can
+take (0 turns the cache off). Signed queries, transfers and error answers are never cached.
+With the cache, on uvloop and one core, the server answers about as many queries a second as
+BIND 9 with one worker thread (`bench/bench_dns.py`); on the standard asyncio loop, about a
+fifth as many: run it on uvloop (`ServerThread(..., loop_factory=uvloop.new_event_loop)`).
+An answer that cannot fit even fully compressed (counted from the record texts) is sent empty
+with TC at once, so the big groups do not cost a render to find out.
+
+Limits. A DNS message holds 65,535 bytes, so an answer bigger than that is truncated over TCP
+too: 2,000 A or AAAA records fit, but not the 2,000 SRV records of `_vms._udp` of a group that
+big (SRV targets are not compressed, about 41 bytes each); zone transfers carry them all.
 """
 
 from __future__ import annotations
@@ -92,6 +106,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TSIG
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
+import dns.rdtypes.IN.SRV
 import dns.rrset
 import dns.serial
 import dns.tsig
@@ -119,8 +134,11 @@ _MAKE_A: Any = dns.rdtypes.IN.A.A
 _MAKE_AAAA: Any = dns.rdtypes.IN.AAAA.AAAA
 _MAKE_NS: Any = dns.rdtypes.ANY.NS.NS
 _MAKE_SOA: Any = dns.rdtypes.ANY.SOA.SOA
+_MAKE_SRV: Any = dns.rdtypes.IN.SRV.SRV
+_RDATA_CLASS: Any = dns.rdata.get_rdata_class
 _TRANSFER_BUDGET = 60_000  # bytes of records per transfer message, before compression
 _SERIAL_MODULO = 2**32
+_Key = tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -140,26 +158,74 @@ class SoaSettings:
     minimum: int = 5
 
 
-@dataclass(frozen=True)
 class _Entry:
-    """One record set, with the texts of its content and an upper bound of each record's size.
+    """One record set: its texts, bounds of its size, and its records, made when first needed.
 
-    `sizes` follow the record set's order: the uncompressed wire size of each record, what
-    transfers cut their messages by (compression only makes them smaller).
+    A publish only compares texts and computes sizes; the dnspython records are made the first
+    time a query or a transfer needs them, and kept, and an entry lives on across versions while
+    its texts do not change: most records are made once, and a big zone publishes quickly.
+    `sizes` are upper bounds of each record's uncompressed size (what transfers cut their
+    messages by), `least` a lower bound of the whole set's size in an answer (what lets an
+    answer that cannot fit be truncated without being rendered). Making the records twice from
+    two threads at once is harmless: both make the same.
     """
 
-    texts: tuple[str, ...]
-    rrset: dns.rrset.RRset
-    sizes: tuple[int, ...]
-    least: int = 0  # a lower bound of the records' size in an answer, compressed
+    __slots__ = (
+        "_made",
+        "_reuse",
+        "key",
+        "least",
+        "origin",
+        "owner",
+        "rdtype",
+        "sizes",
+        "texts",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        owner: str,
+        rdtype: dns.rdatatype.RdataType,
+        texts: tuple[str, ...],
+        sizes: tuple[int, ...],
+        least: int,
+        *,
+        ttl: int,
+        origin: dns.name.Name | None = None,
+        made: dns.rrset.RRset | None = None,
+        reuse: _Entry | None = None,
+    ) -> None:
+        self.owner = owner
+        self.key = _text_key(owner)
+        self.rdtype = rdtype
+        self.texts = texts
+        self.sizes = sizes
+        self.least = least
+        self.ttl = ttl
+        self.origin = origin
+        self._made = made
+        # records of the previous version of this set, to reuse for the texts that stayed
+        self._reuse = reuse if reuse is not None and reuse._made is not None else None
 
     @property
     def size(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def rrset(self) -> dns.rrset.RRset:
+        made = self._made
+        if made is None:
+            known = self._reuse.rdatas() if self._reuse is not None else {}
+            rdatas = [known.get(t) or _rdata(self.rdtype, t, self.origin) for t in self.texts]
+            made = dns.rrset.from_rdata_list(_name(self.owner), self.ttl, rdatas)
+            self._made, self._reuse = made, None
+        return made
+
     def rdatas(self) -> dict[str, dns.rdata.Rdata]:
-        """Record data by text, to reuse for the same text in the next version."""
-        return dict(zip(self.texts, self.rrset, strict=True)) if self.texts else {}
+        """Record data by text (when one text is one record), to reuse in the next version."""
+        made = self.rrset
+        return dict(zip(self.texts, made, strict=True)) if len(made) == len(self.texts) else {}
 
 
 @dataclass(frozen=True)
@@ -183,9 +249,9 @@ class _Zone:
     soa: dns.rdtypes.ANY.SOA.SOA
     apex: tuple[_Entry, ...]  # SOA first, then NS and the name server's address
     entries: Mapping[tuple[str, str], _Entry]  # (owner, rdtype text) -> records of content
-    nodes: Mapping[dns.name.Name, Mapping[int, _Entry]]
-    names: frozenset[dns.name.Name]  # names that exist: owners and every name above them
-    empty_non_terminals: Mapping[str, dns.name.Name]
+    nodes: Mapping[_Key, Mapping[int, _Entry]]
+    names: frozenset[_Key]  # names that exist: owners and every name above them
+    empty_non_terminals: Mapping[str, _Key]
     negative_soa: dns.rrset.RRset
     glue: tuple[dns.rrset.RRset, ...]
     diffs: tuple[_Diff, ...]  # oldest first; the last one ends at `serial`
@@ -202,6 +268,7 @@ class _Snapshot:
     """What the loop answers from; replaced whole by a publish."""
 
     zones: Mapping[dns.name.Name, _Zone]
+    by_key: Mapping[_Key, _Zone]
     udp_cache: dict[bytes, bytes]
     tcp_cache: dict[bytes, bytes]
 
@@ -270,7 +337,7 @@ class DnsServer:
         self._notify_attempts = notify_attempts
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
-        self._snapshot = _Snapshot({}, {}, {})
+        self._snapshot = _Snapshot({}, {}, {}, {})
         self._last_serials: dict[dns.name.Name, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
@@ -376,11 +443,12 @@ class DnsServer:
                 built[origin] = zone
                 self._last_serials[origin] = serial
                 changed.append((origin, serial))
-                log.info("zone %s: serial %d", origin, serial)
+                log.debug("zone %s: serial %d", origin, serial)
             for origin in previous.keys() - built.keys():
                 log.info("zone %s no longer served", origin)
             if changed or previous.keys() != built.keys():
-                self._snapshot = _Snapshot(built, {}, {})
+                by_key = {_key(origin): zone for origin, zone in built.items()}
+                self._snapshot = _Snapshot(built, by_key, {}, {})
             loop = self._loop
         if changed and loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
@@ -397,45 +465,20 @@ class DnsServer:
         costs what changed, not the size of the zone.
         """
         zone_text = origin.to_text().lower()
-        suffix = "." + zone_text if zone_text != "." else "."
         old_entries: Mapping[tuple[str, str], _Entry] = old.entries if old is not None else {}
-        owner_names = {key[0]: e.rrset.name for key, e in old_entries.items()}
-        entries: dict[tuple[str, str], _Entry] = {}
-        changed: list[tuple[str, str]] = []
-        for owner, types in content.records.items():
-            if owner != zone_text and not owner.endswith(suffix):
-                log.warning("zone %s: owner %s is outside the zone, left out", origin, owner)
-                continue
-            for rdtype, texts in types.items():
-                key = (owner, rdtype)
-                before = old_entries.get(key)
-                if before is not None and before.texts == texts:
-                    entries[key] = before
-                elif texts:
-                    name = owner_names.get(owner) or dns.name.from_text(owner)
-                    owner_names[owner] = name
-                    entries[key] = self._entry(name, rdtype, texts, origin, before)
-                    changed.append(key)
+        entries, changed = self._entries(origin, zone_text, content, old_entries)
         removed = [key for key in old_entries if key not in entries]
         apex, glue = self._apex(origin, serial, entries)
-        nodes: dict[dns.name.Name, dict[int, _Entry]] = (
-            dict(old.nodes) if old is not None else {}  # type: ignore[arg-type]
+        nodes = _patched(old, entries, changed, removed, apex)
+        same_owners = old is not None and not removed and all(k in old_entries for k in changed)
+        ents = (
+            old.empty_non_terminals
+            if old is not None and same_owners
+            else _empty_non_terminals(
+                zone_text, {key[0] for key in entries}, old.empty_non_terminals if old else {}
+            )
         )
-        for key in removed:
-            _put(nodes, old_entries[key].rrset, None)
-        for key in changed:
-            _put(nodes, entries[key].rrset, entries[key])
-        if old is not None:
-            for entry in old.apex[2:]:  # the name server's address, maybe taken by a VM now
-                name, kind = entry.rrset.name, entry.rrset.rdtype
-                key = (name.to_text().lower(), dns.rdatatype.to_text(kind))
-                _put(nodes, entry.rrset, entries.get(key))
-        for entry in apex:
-            _put(nodes, entry.rrset, entry)
-        ents = _empty_non_terminals(
-            zone_text, {key[0] for key in entries}, old.empty_non_terminals if old else {}
-        )
-        names = frozenset(nodes).union(ents.values())
+        names = frozenset(nodes).union(ents.values())  # keys: hashing is cheap, unlike names
         diffs: tuple[_Diff, ...] = ()
         if old is not None and self._keep_versions > 1:
             diff = _difference(
@@ -447,6 +490,14 @@ class DnsServer:
                 new_serial=serial,
             )
             diffs = (*old.diffs, diff)[-(self._keep_versions - 1) :]
+        if old is None:
+            content_size = sum(e.size for e in entries.values())
+        else:  # the previous size, corrected by what changed
+            content_size = old.size - sum(e.size for e in old.apex)
+            content_size -= sum(
+                old_entries[k].size for k in (*removed, *changed) if k in old_entries
+            )
+            content_size += sum(entries[k].size for k in changed)
         soa = apex[0].rrset[0]
         return _Zone(
             origin=origin,
@@ -461,8 +512,33 @@ class DnsServer:
             negative_soa=dns.rrset.from_rdata(origin, min(self._ttl, self._soa.minimum), soa),
             glue=glue,
             diffs=diffs,
-            size=sum(e.size for e in apex) + sum(e.size for e in entries.values()),
+            size=sum(e.size for e in apex) + content_size,
         )
+
+    def _entries(
+        self,
+        origin: dns.name.Name,
+        zone_text: str,
+        content: ZoneContent,
+        old_entries: Mapping[tuple[str, str], _Entry],
+    ) -> tuple[dict[tuple[str, str], _Entry], list[tuple[str, str]]]:
+        """The record sets of the content, reused where unchanged; and the keys that changed."""
+        suffix = "." + zone_text if zone_text != "." else "."
+        entries: dict[tuple[str, str], _Entry] = {}
+        changed: list[tuple[str, str]] = []
+        for owner, types in content.records.items():
+            if owner != zone_text and not owner.endswith(suffix):
+                log.warning("zone %s: owner %s is outside the zone, left out", origin, owner)
+                continue
+            for rdtype, texts in types.items():
+                key = (owner, rdtype)
+                before = old_entries.get(key)
+                if before is not None and before.texts == texts:
+                    entries[key] = before
+                elif texts:
+                    entries[key] = self._entry(owner, rdtype, texts, origin, before)
+                    changed.append(key)
+        return entries, changed
 
     def _apex(
         self, origin: dns.name.Name, serial: int, entries: Mapping[tuple[str, str], _Entry]
@@ -497,35 +573,19 @@ class DnsServer:
 
     def _entry(
         self,
-        name: dns.name.Name,
+        owner: str,
         rdtype: str,
         texts: tuple[str, ...],
         origin: dns.name.Name,
         before: _Entry | None,
     ) -> _Entry:
-        kind = dns.rdatatype.from_text(rdtype)
-        known = before.rdatas() if before is not None else {}
-        rdatas: list[dns.rdata.Rdata] = []
-        for text in texts:
-            rdata = known.get(text)
-            if rdata is None:
-                if kind == _A:
-                    rdata = _MAKE_A(_IN, _A, text)
-                elif kind == _AAAA:
-                    rdata = _MAKE_AAAA(_IN, _AAAA, text)
-                else:
-                    rdata = dns.rdata.from_text(_IN, kind, text, origin=origin, relativize=False)
-            rdatas.append(rdata)
-        rrset = dns.rrset.from_rdata_list(name, self._ttl, rdatas)
-        if len(rrset) != len(texts):  # two spellings of the same data: keep the first one
-            unique: dict[dns.rdata.Rdata, str] = {}
-            for rdata, text in zip(rdatas, texts, strict=True):
-                unique.setdefault(rdata, text)
-            texts = tuple(unique.values())
-        owner = len(name) + sum(len(label) for label in name.labels) + 10
-        sizes = tuple(owner + _rdata_size(kind, t, r) for t, r in zip(texts, rrset, strict=True))
+        """A record set of the content, its records not made yet."""
+        kind = _rdtype(rdtype)
+        plain = owner.isascii() and "\\" not in owner
+        owner_size = (len(owner) + 1 if plain else len(_name(owner).to_wire() or b"")) + 10
+        sizes = tuple(owner_size + _rdata_size(kind, text, origin) for text in texts)
         least = sum(12 + _rdata_least(kind, text) for text in texts)  # owner: a 2-byte pointer
-        return _Entry(texts, rrset, sizes, least)
+        return _Entry(owner, kind, texts, sizes, least, ttl=self._ttl, origin=origin, reuse=before)
 
     # -- NOTIFY ------------------------------------------------------------------------------
 
@@ -691,7 +751,8 @@ class DnsServer:
         if len(query.question) != 1:
             return _header_only(wire, dns.rcode.FORMERR)
         question = query.question[0]
-        zone = _find_zone(snapshot.zones, question.name) if question.rdclass == _IN else None
+        qkey = _key(question.name)
+        zone = _find_zone(snapshot.by_key, qkey) if question.rdclass == _IN else None
         if zone is None:
             response.set_rcode(dns.rcode.REFUSED)
             return response.to_wire()
@@ -704,7 +765,7 @@ class DnsServer:
             limit = max(512, min(query.payload, self._max_udp)) if query.edns >= 0 else 512
         end = _question_end(wire)
         room = limit - (end or len(wire)) - (11 if query.edns >= 0 else 0)
-        _lookup(zone, question.name, question.rdtype, response, room)
+        _lookup(zone, qkey, question.rdtype, response, room)
         out = response.to_wire(max_size=limit, prefer_truncation=True)
         if self._cache_entries and not query.had_tsig and end is not None:
             if len(cache) >= self._cache_entries:
@@ -930,12 +991,57 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 def _entry_of(rrset: dns.rrset.RRset) -> _Entry:
-    """An entry for records made by the server itself (SOA, NS, address, pieces of sets)."""
+    """An entry for records made by the server itself (SOA, NS, its address, IXFR SOAs)."""
     owner = len(rrset.name.to_wire() or b"") + 10
-    return _Entry((), rrset, tuple(owner + len(rdata.to_wire() or b"") for rdata in rrset))
+    sizes = tuple(owner + len(rdata.to_wire() or b"") for rdata in rrset)
+    texts = tuple(rdata.to_text() for rdata in rrset)
+    return _Entry(rrset.name.to_text(), rrset.rdtype, texts, sizes, 0, ttl=rrset.ttl, made=rrset)
 
 
-def _rdata_size(kind: int, text: str, rdata: dns.rdata.Rdata) -> int:
+@functools.lru_cache(maxsize=1 << 16)
+def _name(text: str) -> dns.name.Name:
+    """A name from its (absolute) text; the same names come back in many records."""
+    return dns.name.from_text(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdtype(text: str) -> dns.rdatatype.RdataType:
+    return dns.rdatatype.from_text(text)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _text_key(owner: str) -> _Key:
+    """The lookup key of an owner name's text, without making the name when it is plain."""
+    if owner == ".":
+        return (b"",)
+    if owner.isascii() and "\\" not in owner and owner.endswith("."):
+        return tuple(label.encode().lower() for label in owner.split("."))
+    return _key(_name(owner))
+
+
+def _rdata(
+    kind: dns.rdatatype.RdataType, text: str, origin: dns.name.Name | None
+) -> dns.rdata.Rdata:
+    """Record data from its text: the record types of the zones made directly, others parsed.
+
+    dnspython's text parser costs tens of microseconds a record; these constructors a few.
+    """
+    if kind == _A:
+        return _MAKE_A(_IN, _A, text)  # type: ignore[no-any-return]
+    if kind == _AAAA:
+        return _MAKE_AAAA(_IN, _AAAA, text)  # type: ignore[no-any-return]
+    plain = text.isascii() and "\\" not in text and text.endswith(".")
+    if plain and kind in (_PTR, _NS, _CNAME):
+        maker: Any = _RDATA_CLASS(_IN, kind)
+        return maker(_IN, kind, _name(text))  # type: ignore[no-any-return]
+    fields = text.split()
+    if plain and kind == _SRV and len(fields) == 4 and all(f.isdigit() for f in fields[:3]):
+        priority, weight, port = (int(f) for f in fields[:3])
+        return _MAKE_SRV(_IN, _SRV, priority, weight, port, _name(fields[3]))  # type: ignore[no-any-return]
+    return dns.rdata.from_text(_IN, kind, text, origin=origin, relativize=False)
+
+
+def _rdata_size(kind: dns.rdatatype.RdataType, text: str, origin: dns.name.Name | None) -> int:
     """The wire size of record data, or an upper bound of it from its text when that is cheaper.
 
     Absolute names take one octet more on the wire than in text, TXT no more than its text;
@@ -952,7 +1058,7 @@ def _rdata_size(kind: int, text: str, rdata: dns.rdata.Rdata) -> int:
             return len(text) + 1
         if kind == _SRV:
             return 6 + len(text.rsplit(maxsplit=1)[-1]) + 1  # priority, weight, port, target
-    return len(rdata.to_wire() or b"")
+    return len(_rdata(kind, text, origin).to_wire() or b"")
 
 
 def _rdata_least(kind: int, text: str) -> int:
@@ -967,28 +1073,52 @@ def _rdata_least(kind: int, text: str) -> int:
     return 1
 
 
+def _patched(
+    old: _Zone | None,
+    entries: Mapping[tuple[str, str], _Entry],
+    changed: Iterable[tuple[str, str]],
+    removed: Iterable[tuple[str, str]],
+    apex: Iterable[_Entry],
+) -> dict[_Key, dict[int, _Entry]]:
+    """The lookup table of a new version: the previous one, copied, with the changes made."""
+    nodes: dict[_Key, dict[int, _Entry]] = dict(old.nodes) if old is not None else {}  # type: ignore[arg-type]
+    if old is not None:
+        for key in removed:
+            _put(nodes, old.entries[key], None)
+    for key in changed:
+        _put(nodes, entries[key], entries[key])
+    if old is not None:
+        for entry in old.apex[2:]:  # the name server's address, maybe taken by a VM now
+            key = (entry.owner.lower(), dns.rdatatype.to_text(entry.rdtype))
+            _put(nodes, entry, entries.get(key))
+    for entry in apex:
+        _put(nodes, entry, entry)
+    return nodes
+
+
 def _put(
-    nodes: dict[dns.name.Name, dict[int, _Entry]],
-    where: dns.rrset.RRset,
+    nodes: dict[_Key, dict[int, _Entry]],
+    where: _Entry,
     entry: _Entry | None,
 ) -> None:
     """Set (or remove, with None) one record set of a node, copying the node, not changing it."""
-    node = dict(nodes.get(where.name, {}))
+    key = where.key
+    node = dict(nodes.get(key, {}))
     if entry is None:
         node.pop(where.rdtype, None)
     else:
         node[where.rdtype] = entry
     if node:
-        nodes[where.name] = node
+        nodes[key] = node
     else:
-        nodes.pop(where.name, None)
+        nodes.pop(key, None)
 
 
 def _empty_non_terminals(
-    zone: str, owners: Iterable[str], known: Mapping[str, dns.name.Name]
-) -> dict[str, dns.name.Name]:
+    zone: str, owners: Iterable[str], known: Mapping[str, _Key]
+) -> dict[str, _Key]:
     """Names without records but with names below them (`<host>.<zone>`), by text."""
-    found: dict[str, dns.name.Name] = {}
+    found: dict[str, _Key] = {}
     owned = set(owners)
     for owner in owned:
         text = owner
@@ -996,7 +1126,7 @@ def _empty_non_terminals(
             text = text.split(".", 1)[1] or "."
             if text in found or text in owned:
                 break
-            found[text] = known.get(text) or dns.name.from_text(text)
+            found[text] = known.get(text) or _key(dns.name.from_text(text))
     return found
 
 
@@ -1025,14 +1155,16 @@ def _difference(
 
 
 def _pick(entry: _Entry, texts: set[str]) -> _Entry:
-    """The part of an entry with these texts."""
+    """The part of an entry with these texts (its records made when a transfer needs them)."""
     picked = [i for i, text in enumerate(entry.texts) if text in texts]
-    records = list(entry.rrset)
-    rrset = dns.rrset.from_rdata_list(
-        entry.rrset.name, entry.rrset.ttl, [records[i] for i in picked]
-    )
     return _Entry(
-        tuple(entry.texts[i] for i in picked), rrset, tuple(entry.sizes[i] for i in picked)
+        entry.owner,
+        entry.rdtype,
+        tuple(entry.texts[i] for i in picked),
+        tuple(entry.sizes[i] for i in picked),
+        0,
+        ttl=entry.ttl,
+        origin=entry.origin,  # not `reuse`: a kept difference would hold the whole old set
     )
 
 
@@ -1054,11 +1186,12 @@ def _chunks(parts: Sequence[_Entry], budget: int) -> Iterator[list[dns.rrset.RRs
             used += part.size
             continue
         records = list(part.rrset)
+        each = max(part.sizes)  # the records of a set have about the same size
         start = 0
         while start < len(records):
             end, size = start, 0
-            while end < len(records) and (end == start or size + part.sizes[end] <= budget):
-                size += part.sizes[end]
+            while end < len(records) and (end == start or size + each <= budget):
+                size += each
                 end += 1
             piece = dns.rrset.from_rdata_list(part.rrset.name, part.rrset.ttl, records[start:end])
             if end < len(records):
@@ -1070,9 +1203,7 @@ def _chunks(parts: Sequence[_Entry], budget: int) -> Iterator[list[dns.rrset.RRs
         yield chunk
 
 
-def _lookup(
-    zone: _Zone, qname: dns.name.Name, qtype: int, response: dns.message.Message, room: int
-) -> None:
+def _lookup(zone: _Zone, qkey: _Key, qtype: int, response: dns.message.Message, room: int) -> None:
     """Fill in an authoritative answer: the records, NODATA or NXDOMAIN.
 
     An answer whose records cannot fit in `room` bytes even fully compressed is sent empty
@@ -1080,7 +1211,7 @@ def _lookup(
     groups the cheapest way to keep the server busy.
     """
     response.flags |= dns.flags.AA
-    node = zone.nodes.get(qname)
+    node = zone.nodes.get(qkey)
     if node is not None and (qtype == _ANY or qtype in node):
         found = list(node.values()) if qtype == _ANY else [node[qtype]]
         if sum(entry.least for entry in found) > room:
@@ -1090,18 +1221,27 @@ def _lookup(
         if qtype == _NS:
             response.additional = list(zone.glue)
         return
-    if qname not in zone.names:
+    if qkey not in zone.names:
         response.set_rcode(dns.rcode.NXDOMAIN)
     response.authority = [zone.negative_soa]
 
 
-def _find_zone(zones: Mapping[dns.name.Name, _Zone], name: dns.name.Name) -> _Zone | None:
+def _find_zone(zones: Mapping[_Key, _Zone], key: _Key) -> _Zone | None:
     """The zone of the closest enclosing origin, if any."""
-    for start in range(len(name.labels)):
-        zone = zones.get(dns.name.Name(name.labels[start:]))
+    for start in range(len(key)):
+        zone = zones.get(key[start:])
         if zone is not None:
             return zone
     return None
+
+
+def _key(name: dns.name.Name) -> _Key:
+    """A name as its lower-case labels: what the lookup tables are keyed by.
+
+    dnspython's names hash weakly (12,000 owner names of a zone share 9,000 hashes) and
+    compare slowly, which made every table build and many lookups pay for comparisons.
+    """
+    return tuple(map(bytes.lower, name.labels))
 
 
 def _client_serial(query: dns.message.Message, origin: dns.name.Name) -> int | None:

@@ -118,11 +118,11 @@ def forward_zone(
     host_groups: dict[str, set[str]] = {}
     group_vms: dict[str, set[str]] = {}
     for registration in registrations:
-        vm = check_name("VM", registration.vm)
-        host = check_name("host", registration.host)
-        image = check_name("image", registration.image)
+        vm = _label("VM", registration.vm)
+        host = _label("host", registration.host)
+        image = _label("image", registration.image)
         group = group_name(host, image)
-        addresses = [_address(text) for text in registration.addresses]
+        addresses = [_canonical(text) for text in registration.addresses]
         records.add_addresses(_child(vm, zone), addresses)
         if not _fits(group, zone):
             continue
@@ -199,39 +199,43 @@ def reverse_zones(
         if not any(_strictly_inside(net, other) for other in zone_networks.values())
     }
     records = {name: _Records() for name in kept}
+    zone_of = _zone_finder(tuple(networks), tuple(kept.items()))
     for registration in registrations:
-        target = _child(check_name("VM", registration.vm), zone)
+        target = _child(_label("VM", registration.vm), zone)
         for text in registration.addresses:
-            address = _address(text)
-            if not any(address in network for network in networks):
-                continue
-            for name, net in kept.items():
-                if address in net:
-                    records[name].add_texts(_pointer(address), "PTR", [target])
-                    break
+            where = zone_of(_canonical(text)[1])
+            if where is not None:
+                records[where[0]].add_texts(where[1], "PTR", [target])
     return [ZoneContent(name, records[name].frozen()) for name in sorted(kept)]
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _address(text: str) -> IPAddress:
-    """The address of a text, cached: zones are rebuilt from mostly the same addresses."""
+def _canonical(text: str) -> tuple[int, str]:
+    """IP version and canonical text of an address, cached: zones are rebuilt from mostly the
+    same addresses, and texts hash and compare much faster than `ipaddress` objects."""
     try:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         raise InvalidInput(f"invalid IP address {text!r} in a registration") from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         raise InvalidInput(f"invalid IP address {text!r}: a zone index has no place in DNS")
-    return address
+    return address.version, str(address)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _value(canonical: str) -> int:
+    """The number of an address (in canonical text), to sort addresses by value."""
+    return int(ipaddress.ip_address(canonical))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _label(kind: str, name: str) -> str:
+    return check_name(kind, name)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _pointer(address: IPAddress) -> str:
     return f"{address.reverse_pointer}."
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _text(address: IPAddress) -> str:
-    return str(address)
 
 
 def _network(text: str) -> IPNetwork:
@@ -253,12 +257,53 @@ def _child(relative: str, zone: str) -> str:
     return f"{relative}." if zone == "." else f"{relative}.{zone}"
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _fits(relative: str, zone: str) -> bool:
     """True if `_vms._udp.<relative>.<zone>` (the longest name made of it) is a valid name."""
     longest = _child(f"_vms._udp.{relative}", zone)
     labels = [label for label in longest.split(".") if label]
     wire = sum(len(label) + 1 for label in labels) + 1
     return all(len(label) <= _MAX_LABEL for label in labels) and wire <= _MAX_NAME_WIRE
+
+
+@functools.lru_cache(maxsize=8)
+def _zone_finder(
+    networks: tuple[IPNetwork, ...], zones: tuple[tuple[str, IPNetwork], ...]
+) -> _ZoneOf:
+    """The same finder for the same networks, so that its memory lasts across rebuilds."""
+    return _ZoneOf(networks, zones)
+
+
+class _ZoneOf:
+    """Which reverse zone (and owner name) an address gets, remembered per address.
+
+    The same addresses come back at every rebuild, and testing each against every network
+    is most of the cost of a rebuild. The memory is bounded: emptied when it gets large.
+    """
+
+    limit = 1 << 17
+
+    def __init__(
+        self, networks: tuple[IPNetwork, ...], zones: tuple[tuple[str, IPNetwork], ...]
+    ) -> None:
+        self.networks = networks
+        self.zones = zones
+        self.found: dict[str, tuple[str, str] | None] = {}
+
+    def __call__(self, canonical: str) -> tuple[str, str] | None:
+        if canonical in self.found:
+            return self.found[canonical]
+        address = ipaddress.ip_address(canonical)
+        where = None
+        if any(address in network for network in self.networks):
+            for name, net in self.zones:
+                if address in net:
+                    where = (name, _pointer(address))
+                    break
+        if len(self.found) >= self.limit:
+            self.found.clear()
+        self.found[canonical] = where
+        return where
 
 
 def _strictly_inside(inner: IPNetwork, outer: IPNetwork) -> bool:
@@ -274,27 +319,32 @@ class _Records:
     """Records being gathered: sets, so that duplicates go away; frozen sorted at the end."""
 
     def __init__(self) -> None:
-        self.addresses: dict[str, set[IPAddress]] = {}
+        self.v4: dict[str, set[str]] = {}
+        self.v6: dict[str, set[str]] = {}
         self.texts: dict[str, dict[str, set[str]]] = {}
 
-    def add_addresses(self, owner: str, addresses: Iterable[IPAddress]) -> None:
-        self.addresses.setdefault(owner, set()).update(addresses)
+    def add_addresses(self, owner: str, addresses: Iterable[tuple[int, str]]) -> None:
+        """Addresses as (version, canonical text)."""
+        for version, text in addresses:
+            (self.v4 if version == 4 else self.v6).setdefault(owner, set()).add(text)
 
     def add_texts(self, owner: str, rdtype: str, texts: Iterable[str]) -> None:
         self.texts.setdefault(owner, {}).setdefault(rdtype, set()).update(texts)
 
     def frozen(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        """Owner -> type -> sorted texts; types in order (A and AAAA sort before the others)."""
         result: dict[str, dict[str, tuple[str, ...]]] = {}
-        for owner in sorted(self.addresses.keys() | self.texts.keys()):
-            types = {rdtype: tuple(sorted(v)) for rdtype, v in self.texts.get(owner, {}).items()}
-            found = self.addresses.get(owner, set())
-            for version, rdtype in ((4, "A"), (6, "AAAA")):
-                picked = sorted((a for a in found if a.version == version), key=int)
-                if picked:
-                    types[rdtype] = tuple(_text(a) for a in picked)
-            if not types:
-                continue
-            result[owner] = {rdtype: types[rdtype] for rdtype in sorted(types)}
+        v4, v6, texts = self.v4, self.v6, self.texts
+        for owner in sorted(v4.keys() | v6.keys() | texts.keys()):
+            types: dict[str, tuple[str, ...]] = {}
+            for rdtype, found in (("A", v4.get(owner)), ("AAAA", v6.get(owner))):
+                if found:
+                    types[rdtype] = tuple(sorted(found, key=_value) if len(found) > 1 else found)
+            other = texts.get(owner)
+            if other:
+                for rdtype in sorted(other):
+                    types[rdtype] = tuple(sorted(other[rdtype]))
+            result[owner] = types
         return result
 
 
