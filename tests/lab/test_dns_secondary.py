@@ -55,6 +55,16 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def stop_named(process: subprocess.Popen[bytes]) -> None:
+    """Stop the named this test started (by its PID), killing it if it does not stop."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class Secondary:
     port: int
@@ -128,12 +138,7 @@ def primary_and_secondary(
         try:
             yield running, Secondary(secondary_port, tmp_path / "named.log", process)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_named(process)
             output.close()
 
 
@@ -245,9 +250,4 @@ def test_transfer_without_the_key_is_refused_to_a_misconfigured_secondary(
             wait_for(lambda: log.exists() and "REFUSED" in log.read_text(), 15)
             assert serial(port) is None  # nothing transferred, nothing served
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_named(process)

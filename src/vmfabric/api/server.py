@@ -102,19 +102,16 @@ def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] |
     server = running.start()
     publisher = NamePublisher(ctl, server, options.zone)
     serials = publisher.publish_now()
+    without_names = ctl.names_changed
     ctl.names_changed = publisher.changed
     log.info("DNS on %s:%d, zones %s", options.dns_listen[0], server.port, serials)
 
     def stop() -> None:
-        ctl.names_changed = _nothing
+        ctl.names_changed = without_names
         publisher.close()
         running.stop()
 
     return stop
-
-
-def _nothing() -> None:
-    """What a registration change triggers once the DNS server stopped."""
 
 
 def serve(options: ServeOptions) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vmfabric.coalescing import Coalescer
 from vmfabric.domain.dns_records import Registration, ZoneContent, forward_zone, reverse_zones
@@ -43,6 +44,20 @@ class ZonePublisher(Protocol):
 
 def registrations(ctl: Controller) -> list[Registration]:
     """Every running VM with the addresses its NICs hold by lease, sorted by VM name."""
+    with ctl.uow() as uow:
+        return _registrations(uow.session)
+
+
+def zones(ctl: Controller, origin: str) -> list[ZoneContent]:
+    """The forward zone and the reverse zones of every network's subnets, read in one
+    transaction so the zones are one snapshot of the store."""
+    with ctl.uow() as uow:
+        cidrs = list(uow.session.scalars(select(Subnet.cidr).order_by(Subnet.id)))
+        registered = _registrations(uow.session)
+    return [forward_zone(origin, registered, {}), *reverse_zones(origin, cidrs, registered)]
+
+
+def _registrations(session: Session) -> list[Registration]:
     query = (
         select(Vm.name, Host.name.label("host"), Vm.image, Lease.address)
         .join(Host, Host.id == Vm.host_id)
@@ -52,20 +67,11 @@ def registrations(ctl: Controller) -> list[Registration]:
         .order_by(Vm.name, Lease.address)
     )
     found: dict[str, tuple[str, str, list[str]]] = {}
-    with ctl.uow() as uow:
-        for row in uow.session.execute(query):
-            _host, _image, addresses = found.setdefault(row.name, (row.host, row.image, []))
-            if row.address is not None:
-                addresses.append(row.address)
+    for row in session.execute(query):
+        _host, _image, addresses = found.setdefault(row.name, (row.host, row.image, []))
+        if row.address is not None:
+            addresses.append(row.address)
     return [Registration(vm, h, i, tuple(a)) for vm, (h, i, a) in found.items()]
-
-
-def zones(ctl: Controller, origin: str) -> list[ZoneContent]:
-    """The forward zone and the reverse zones of every network's subnets."""
-    with ctl.uow() as uow:
-        cidrs = list(uow.session.scalars(select(Subnet.cidr).order_by(Subnet.id)))
-    registered = registrations(ctl)
-    return [forward_zone(origin, registered, {}), *reverse_zones(origin, cidrs, registered)]
 
 
 class NamePublisher:
