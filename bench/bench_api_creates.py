@@ -4,6 +4,10 @@ A real `vmfabric serve` on SQLite with the real dnsmasq driver writing one reser
 per NIC; concurrent clients create VMs with automatic addresses in a /16. Prints one JSON line.
 
     uv run python bench/bench_api_creates.py [--vms 2000] [--clients 16] [--server-cpu 1]
+        [--dns-listen off]
+
+The controller serves DNS as `serve` does by default (127.0.0.1:5353, on a free port here);
+`--dns-listen off` measures creates without it.
 
 The controller is one Python process; its threads (HTTP loop, request workers, the database
 writer) hand the interpreter lock to each other many times per create, which costs much more
@@ -29,12 +33,16 @@ import httpx
 from figures import cpu_seconds, free_port
 
 
-def start_controller(state: Path, cpu: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`vmfabric serve` on a fresh state directory, on one CPU if `cpu` is given."""
+def start_controller(
+    state: Path, cpu: int | None = None, dns_listen: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`vmfabric serve` on a fresh state directory, on one CPU if `cpu` is given, with DNS
+    on `dns_listen` (default: a free port on loopback)."""
     listen = f"127.0.0.1:{free_port()}"
     pin = ["--cpu", str(cpu)] if cpu is not None else []
+    dns = ["--dns-listen", dns_listen or f"127.0.0.1:{free_port()}"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "vmfabric.cli.main", "serve", "--listen", listen, *pin],
+        [sys.executable, "-m", "vmfabric.cli.main", "serve", "--listen", listen, *pin, *dns],
         env={**os.environ, "VMFABRIC_STATE": str(state)},
         stdout=subprocess.DEVNULL,
         stderr=(state / "controller.log").open("wb"),
@@ -81,9 +89,10 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--server-cpu", type=int, help="run the controller with `serve --cpu N`")
+    parser.add_argument("--dns-listen", help="`serve --dns-listen`, e.g. off")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_controller(Path(tmp), args.server_cpu)
+        process, url = start_controller(Path(tmp), args.server_cpu, args.dns_listen)
         try:
             setup = httpx.Client(base_url=f"{url}/api/v1", timeout=60)
             setup.post("/hosts", json={"name": "hv1", "driver": "noop", "bridge": "br0"})
@@ -104,6 +113,7 @@ def main() -> None:
                 "vms": args.vms,
                 "clients": args.clients,
                 "server_cpu": args.server_cpu,
+                "dns": args.dns_listen != "off",
                 "failed": sum(1 for s in statuses if s != 201),
                 "seconds": round(elapsed, 3),
                 "creates_per_second": round(args.vms / elapsed, 1),

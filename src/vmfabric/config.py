@@ -12,6 +12,7 @@ from pathlib import Path
 DEFAULT_URL = "http://127.0.0.1:8750"
 DEFAULT_STATE = "/var/lib/vmfabric"
 DEFAULT_ZONE = "vmfabric.test"
+DEFAULT_DNS_LISTEN = "127.0.0.1:5353"
 
 
 def state_dir() -> Path:

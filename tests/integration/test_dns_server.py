@@ -34,6 +34,8 @@ import pytest
 from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.dns_records import (
     Registration,
+    ZoneBuilder,
+    ZoneChange,
     ZoneContent,
     forward_zone,
     reverse_zones,
@@ -539,6 +541,39 @@ def test_publish_changes_answers_and_serials(server: DnsServer) -> None:
     assert short(server, "hv1-debian12.vmfabric.test") == {"10.0.0.50", "10.0.0.11"}
     assert short(server, "-x", "10.0.0.50") == {"vm-a.vmfabric.test."}
     assert status(dig(server, "-x", "10.0.0.10")) == "NXDOMAIN"
+
+
+def test_updates_change_only_what_they_name(server: DnsServer) -> None:
+    builder = ZoneBuilder(ZONE, CIDRS)
+    for registration in REGISTRATIONS:
+        builder.put(registration)
+    builder.block("hv1-alpine", "infected by worm")
+    builder.changes()
+    before = soa_serial(server)
+    reverse_before = soa_serial(server, "0.10.in-addr.arpa.")
+    assert short(server, "hv3-win11.vmfabric.test") == set()  # now in the answer cache
+    builder.put(Registration("vm-w", "hv3", "win11", ("10.0.0.77",)))  # a new host and group
+    builder.remove("vm-c")  # the only member of hv1-alpine
+    serials = server.update(builder.changes())
+    assert serials[ZONE] > before and serials["0.10.in-addr.arpa."] > reverse_before
+    assert short(server, "hv3-win11.vmfabric.test") == {"10.0.0.77"}
+    assert short(server, "_vmgroups._udp.hv3.vmfabric.test", "SRV") == {
+        "0 0 0 hv3-win11.vmfabric.test."
+    }
+    assert status(dig(server, "hv3.vmfabric.test")) == "NOERROR"  # a new empty non-terminal
+    assert short(server, "-x", "10.0.0.77") == {"vm-w.vmfabric.test."}
+    assert status(dig(server, "vm-c.vmfabric.test")) == "NXDOMAIN"
+    assert short(server, "hv1-alpine.vmfabric.test", "TXT")  # still blocked, without members
+    assert status(dig(server, "_udp.hv1-alpine.vmfabric.test")) == "NXDOMAIN"  # no SRV below
+    assert short(server, "vm-a.vmfabric.test") == {"10.0.0.10"}  # the rest as it was
+
+    builder.remove("vm-w")
+    server.update(builder.changes())
+    assert status(dig(server, "hv3.vmfabric.test")) == "NXDOMAIN"
+    assert server.update([]) == {}
+    assert server.update([ZoneChange(ZONE, {(f"vm-a.{ZONE}", "A"): ("10.0.0.10",)})]) == {}
+    with pytest.raises(ValueError, match="not served"):
+        server.update([ZoneChange("other.test.", {})])
 
 
 def test_zones_no_longer_published_are_not_served(server: DnsServer) -> None:

@@ -18,7 +18,7 @@ from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.dns_records import Registration
 from vmfabric.domain.model import LeaseAction, LeaseEvent
 from vmfabric.services.context import Controller
-from vmfabric.services.leases import record_lease_event
+from vmfabric.services.leases import record_lease_event, sync_leases
 from vmfabric.services.registrations import NamePublisher, registrations
 
 ZONE = "vmfabric.test"
@@ -27,7 +27,7 @@ ZONE = "vmfabric.test"
 @pytest.fixture
 def dns(controller: Controller) -> Iterator[int]:
     """A DNS server fed by the controller's name publisher; its port."""
-    with ServerThread(DnsServer(("127.0.0.1", 0))) as server:
+    with ServerThread(DnsServer(("127.0.0.1", 0), nameserver=f"ns.{ZONE}")) as server:
         publisher = NamePublisher(controller, server, ZONE)
         publisher.publish_now()
         controller.names_changed = publisher.changed
@@ -100,7 +100,12 @@ def test_leases_of_running_vms_are_their_registrations(
 def test_names_follow_leases_and_vms_within_a_second(
     api: TestClient, controller: Controller, dns: int
 ) -> None:
+    assert dig(dns, "SOA", "0.0.10.in-addr.arpa") == []  # no network yet
     macs = cloud(api)
+    deadline = time.monotonic() + 1.0  # the network's reverse zone comes with it
+    while not (soa := dig(dns, "SOA", "0.0.10.in-addr.arpa")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert {"ns.vmfabric.test.", "hostmaster.0.0.10.in-addr.arpa."} <= set(soa)
     lease(controller, LeaseAction.ADD, macs["a"], "10.0.0.2")
     lease(controller, LeaseAction.ADD, macs["b"], "10.0.0.3")
     lease(controller, LeaseAction.ADD, macs["c"], "10.0.0.4")
@@ -119,6 +124,10 @@ def test_names_follow_leases_and_vms_within_a_second(
     eventually(dns, ["hv1-debian12.vmfabric.test"], [])
     eventually(dns, ["-x", "10.0.0.3"], [])
     api.post("/api/v1/vms/c/stop")
+    eventually(dns, ["c.vmfabric.test"], [])
+    api.post("/api/v1/vms/c/start")
+    eventually(dns, ["c.vmfabric.test"], ["10.0.0.4"])
+    sync_leases(controller, "net1", [])  # dnsmasq restarted without leases
     eventually(dns, ["c.vmfabric.test"], [])
 
 

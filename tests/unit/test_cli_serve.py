@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,5 +33,31 @@ def test_bad_serve_options_exit_2_with_one_line(
     )
     assert done.returncode == 2
     assert done.stderr.startswith(message)
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "vmfabric.db").exists()
+
+
+def test_dns_address_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vmfabric.cli.main",
+                "serve",
+                "--dns-listen",
+                f"127.0.0.1:{port}",
+            ],
+            env={**os.environ, "VMFABRIC_STATE": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: cannot serve DNS on 127.0.0.1:{port}: ")
+    assert "--dns-listen off" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "vmfabric.db").exists()

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from vmfabric.domain.dns_records import (
     Registration,
+    ZoneBuilder,
+    ZoneChange,
     ZoneContent,
     blocked_txt,
     forward_zone,
@@ -381,3 +383,102 @@ def test_reverse_zone_of_a_network_contains_it(prefixes: list[int], base: int) -
             pointer = dns.name.from_text(address.reverse_pointer + ".")
             assert pointer.is_subdomain(zone)
         assert (len(zone) - 3) == prefix // 8  # labels: octets, in-addr, arpa, root
+
+
+# -- incremental building ------------------------------------------------------------------
+
+_OPERATIONS = st.lists(
+    st.one_of(
+        _REGISTRATIONS.map(lambda rs: ("put", rs)),
+        st.lists(st.from_regex(r"vm[a-z0-9]{0,6}", fullmatch=True), max_size=5).map(
+            lambda vms: ("remove", vms)
+        ),
+        st.tuples(st.sampled_from(["h1-alpine", "h2-win11", "h9-x"]), st.text(max_size=20)).map(
+            lambda block: ("block", block)
+        ),
+        st.sampled_from(["h1-alpine", "h2-win11", "h9-x"]).map(lambda g: ("unblock", g)),
+    ),
+    max_size=8,
+)
+
+
+def _apply(served: dict[str, dict[tuple[str, str], tuple[str, ...]]], change: ZoneChange) -> None:
+    for key, texts in change.records.items():
+        if texts:
+            served[change.origin][key] = texts
+        else:
+            del served[change.origin][key]  # a set reported gone was there
+
+
+def _flat(zones: list[ZoneContent]) -> dict[str, dict[tuple[str, str], tuple[str, ...]]]:
+    return {
+        zone.origin: {
+            (owner, rdtype): texts
+            for owner, types in zone.records.items()
+            for rdtype, texts in types.items()
+        }
+        for zone in zones
+    }
+
+
+@settings(max_examples=150)
+@given(_OPERATIONS)
+def test_changes_applied_one_by_one_give_the_zones_built_at_once(operations: list) -> None:
+    """What a server sees through `changes` is always what a fresh build would give."""
+    builder = ZoneBuilder(ZONE, _CIDRS)
+    served = _flat(builder.contents())
+    registered: dict[str, Registration] = {}
+    blocked: dict[str, str] = {}
+    for kind, argument in operations:
+        if kind == "put":
+            for registration in argument:
+                builder.put(registration)
+                registered[registration.vm] = registration
+        elif kind == "remove":
+            for vm in argument:
+                builder.remove(vm)
+                registered.pop(vm, None)
+        elif kind == "block":
+            builder.block(*argument)
+            blocked[argument[0]] = argument[1]
+        else:
+            builder.unblock(argument)
+            blocked.pop(argument, None)
+        for change in builder.changes():
+            _apply(served, change)
+        fresh = [
+            forward_zone(ZONE, registered.values(), blocked),
+            *reverse_zones(ZONE, _CIDRS, registered.values()),
+        ]
+        assert served == _flat(fresh)
+        assert builder.contents() == fresh
+    assert builder.vms() == set(registered)
+
+
+def test_changes_name_only_the_sets_that_changed() -> None:
+    builder = ZoneBuilder(ZONE, ["10.0.0.0/24"])
+    for registration in REGISTRATIONS:
+        builder.put(registration)
+    builder.changes()
+    builder.put(Registration("web2", "hv1", "debian12", ("10.0.0.99",)))
+    (forward, reverse) = builder.changes()
+    assert forward.records == {
+        (f"web2.{ZONE}", "A"): ("10.0.0.99",),
+        (f"hv1-debian12.{ZONE}", "A"): ("10.0.0.10", "10.0.0.99"),
+    }
+    assert reverse.records == {
+        ("11.0.0.10.in-addr.arpa.", "PTR"): (),
+        ("99.0.0.10.in-addr.arpa.", "PTR"): (f"web2.{ZONE}",),
+    }
+    builder.put(Registration("web2", "hv1", "debian12", ("10.0.0.99",)))
+    assert builder.changes() == []
+
+
+def test_a_refused_registration_changes_nothing() -> None:
+    builder = ZoneBuilder(ZONE, [])
+    builder.put(REGISTRATIONS[0])
+    builder.changes()
+    with pytest.raises(InvalidInput):
+        builder.put(Registration("web1", "hv1", "debian12", ("not-an-address",)))
+    assert builder.changes() == []
+    assert builder.registration("web1") == REGISTRATIONS[0]

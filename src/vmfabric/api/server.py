@@ -17,6 +17,7 @@ from vmfabric.api.metrics import LEASE_EVENTS
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
 from vmfabric.dns.server import DnsServer, ServerThread
+from vmfabric.domain.dns_records import absolute
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
@@ -98,8 +99,10 @@ def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] |
     the function that stops it."""
     if options.dns_listen is None:
         return None
-    running = ServerThread(DnsServer(options.dns_listen), loop_factory=uvloop.new_event_loop)
-    server = running.start()
+    nameserver = f"ns.{absolute(options.zone)}"  # the reverse zones' name server too
+    server = DnsServer(options.dns_listen, nameserver=nameserver)
+    running = ServerThread(server, loop_factory=uvloop.new_event_loop)
+    running.start()
     publisher = NamePublisher(ctl, server, options.zone)
     serials = publisher.publish_now()
     without_names = ctl.names_changed

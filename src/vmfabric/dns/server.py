@@ -111,7 +111,7 @@ import dns.rrset
 import dns.serial
 import dns.tsig
 
-from vmfabric.domain.dns_records import ZoneContent, absolute
+from vmfabric.domain.dns_records import ZoneChange, ZoneContent, absolute
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ _RDATA_CLASS: Any = dns.rdata.get_rdata_class
 _TRANSFER_BUDGET = 60_000  # bytes of records per transfer message, before compression
 _SERIAL_MODULO = 2**32
 _Key = tuple[bytes, ...]
+_Measure = tuple[int, int, int]  # size, largest record, least size in an answer
 
 
 @dataclass(frozen=True)
@@ -164,21 +165,23 @@ class _Entry:
     A publish only compares texts and computes sizes; the dnspython records are made the first
     time a query or a transfer needs them, and kept, and an entry lives on across versions while
     its texts do not change: most records are made once, and a big zone publishes quickly.
-    `sizes` are upper bounds of each record's uncompressed size (what transfers cut their
-    messages by), `least` a lower bound of the whole set's size in an answer (what lets an
-    answer that cannot fit be truncated without being rendered). Making the records twice from
-    two threads at once is harmless: both make the same.
+    `size` is an upper bound of the records' uncompressed size and `largest` one of the largest
+    record's (what transfers cut their messages by), `least` a lower bound of the whole set's
+    size in an answer (what lets an answer that cannot fit be truncated without being
+    rendered). Making the records twice from two threads at once is harmless: both make the
+    same.
     """
 
     __slots__ = (
         "_made",
         "_reuse",
         "key",
+        "largest",
         "least",
         "origin",
         "owner",
         "rdtype",
-        "sizes",
+        "size",
         "texts",
         "ttl",
     )
@@ -188,8 +191,7 @@ class _Entry:
         owner: str,
         rdtype: dns.rdatatype.RdataType,
         texts: tuple[str, ...],
-        sizes: tuple[int, ...],
-        least: int,
+        measure: _Measure,
         *,
         ttl: int,
         origin: dns.name.Name | None = None,
@@ -200,17 +202,12 @@ class _Entry:
         self.key = _text_key(owner)
         self.rdtype = rdtype
         self.texts = texts
-        self.sizes = sizes
-        self.least = least
+        self.size, self.largest, self.least = measure
         self.ttl = ttl
         self.origin = origin
         self._made = made
         # records of the previous version of this set, to reuse for the texts that stayed
         self._reuse = reuse if reuse is not None and reuse._made is not None else None
-
-    @property
-    def size(self) -> int:
-        return sum(self.sizes)
 
     @property
     def rrset(self) -> dns.rrset.RRset:
@@ -239,19 +236,26 @@ class _Diff:
     size: int
 
 
+@dataclass(frozen=True)
+class _Edit:
+    """A zone's record sets after a change, and the keys the change set or removed."""
+
+    entries: dict[tuple[str, str], _Entry]
+    changed: list[tuple[str, str]]
+    removed: list[tuple[str, str]]
+
+
 @dataclass(frozen=True, eq=False)
 class _Zone:
     """One version of a zone, ready to answer from; never changed once built."""
 
     origin: dns.name.Name
     serial: int
-    content: ZoneContent
     soa: dns.rdtypes.ANY.SOA.SOA
     apex: tuple[_Entry, ...]  # SOA first, then NS and the name server's address
     entries: Mapping[tuple[str, str], _Entry]  # (owner, rdtype text) -> records of content
-    nodes: Mapping[_Key, Mapping[int, _Entry]]
-    names: frozenset[_Key]  # names that exist: owners and every name above them
-    empty_non_terminals: Mapping[str, _Key]
+    nodes: Mapping[_Key, Mapping[int, _Entry]]  # the owners, with their record sets
+    above: Mapping[_Key, int]  # names with owners below them, and how many (they exist too)
     negative_soa: dns.rrset.RRset
     glue: tuple[dns.rrset.RRset, ...]
     diffs: tuple[_Diff, ...]  # oldest first; the last one ends at `serial`
@@ -433,52 +437,86 @@ class DnsServer:
                 if origin in built:
                     raise ValueError(f"zone {origin} given twice")
                 old = previous.get(origin)
-                if old is not None and old.content == content:
-                    built[origin] = old
-                    continue
-                last = self._last_serials.get(origin)
-                serial = int(time.time()) if last is None else max(last + 1, int(time.time()))
-                serial %= _SERIAL_MODULO
-                zone = self._build(origin, content, serial, old)
-                built[origin] = zone
-                self._last_serials[origin] = serial
-                changed.append((origin, serial))
-                log.debug("zone %s: serial %d", origin, serial)
+                edit = self._entries(origin, content, old.entries if old is not None else {})
+                built[origin] = self._version(origin, old, edit, changed)
             for origin in previous.keys() - built.keys():
                 log.info("zone %s no longer served", origin)
-            if changed or previous.keys() != built.keys():
-                by_key = {_key(origin): zone for origin, zone in built.items()}
-                self._snapshot = _Snapshot(built, by_key, {}, {})
-            loop = self._loop
+            self._swap(previous, built, changed)
+        return {origin.to_text(): zone.serial for origin, zone in built.items()}
+
+    def update(self, changes: Sequence[ZoneChange]) -> dict[str, int]:
+        """Change some record sets of served zones; returns the serial of each zone changed.
+
+        Thread-safe. Costs what changed, however big the zones: the way to follow a stream
+        of small changes (`ZoneBuilder.changes`). Raises ValueError for a zone not served.
+        """
+        with self._lock:
+            previous = self._snapshot.zones
+            built = dict(previous)
+            changed: list[tuple[dns.name.Name, int]] = []
+            for change in changes:
+                origin = dns.name.from_text(absolute(change.origin))
+                old = built.get(origin)
+                if old is None:
+                    raise ValueError(f"zone {origin} is not served")
+                edit = self._changed_entries(origin, change, old)
+                built[origin] = self._version(origin, old, edit, changed)
+            self._swap(previous, built, changed)
+        return {origin.to_text(): serial for origin, serial in changed}
+
+    def _version(
+        self,
+        origin: dns.name.Name,
+        old: _Zone | None,
+        edit: _Edit,
+        changed: list[tuple[dns.name.Name, int]],
+    ) -> _Zone:
+        """The zone after these changes: the old one if nothing changed, else a new version
+        with the next serial (appended to `changed`)."""
+        if old is not None and not edit.changed and not edit.removed:
+            return old
+        last = self._last_serials.get(origin)
+        serial = int(time.time()) if last is None else max(last + 1, int(time.time()))
+        serial %= _SERIAL_MODULO
+        zone = self._build(origin, serial, old, edit)
+        self._last_serials[origin] = serial
+        changed.append((origin, serial))
+        log.debug("zone %s: serial %d", origin, serial)
+        return zone
+
+    def _swap(
+        self,
+        previous: Mapping[dns.name.Name, _Zone],
+        built: dict[dns.name.Name, _Zone],
+        changed: list[tuple[dns.name.Name, int]],
+    ) -> None:
+        """Answer from the new zones from now on (under the lock); NOTIFY what changed."""
+        if changed or previous.keys() != built.keys():
+            by_key = {_key(origin): zone for origin, zone in built.items()}
+            self._snapshot = _Snapshot(built, by_key, {}, {})
+        loop = self._loop
         if changed and loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._schedule_notify, changed)
-        return {origin.to_text(): zone.serial for origin, zone in built.items()}
 
     def _build(
-        self, origin: dns.name.Name, content: ZoneContent, serial: int, old: _Zone | None
+        self,
+        origin: dns.name.Name,
+        serial: int,
+        old: _Zone | None,
+        edit: _Edit,
     ) -> _Zone:
-        """A version of the zone, made from the previous one where the content is the same.
+        """A version of the zone, made from the previous one and what changed.
 
         Record sets whose texts did not change are reused as they are, changed ones reuse the
-        records of unchanged texts, and the lookup tables are copied and patched: a publish
-        costs what changed, not the size of the zone.
+        records of unchanged texts, and the lookup tables are copied and patched: a version
+        costs what changed (and copying two tables), not the size of the zone.
         """
-        zone_text = origin.to_text().lower()
+        entries, changed, removed = edit.entries, edit.changed, edit.removed
         old_entries: Mapping[tuple[str, str], _Entry] = old.entries if old is not None else {}
-        entries, changed = self._entries(origin, zone_text, content, old_entries)
-        removed = [key for key in old_entries if key not in entries]
         apex, glue = self._apex(origin, serial, entries)
-        nodes = _patched(old, entries, changed, removed, apex)
-        same_owners = old is not None and not removed and all(k in old_entries for k in changed)
-        ents = (
-            old.empty_non_terminals
-            if old is not None and same_owners
-            else _empty_non_terminals(
-                zone_text, {key[0] for key in entries}, old.empty_non_terminals if old else {}
-            )
-        )
-        names = frozenset(nodes).union(ents.values())  # keys: hashing is cheap, unlike names
+        nodes, came, went = _patched(old, entries, changed, removed, apex)
+        above = _above(_key(origin), old.above if old is not None else {}, came, went)
         diffs: tuple[_Diff, ...] = ()
         if old is not None and self._keep_versions > 1:
             diff = _difference(
@@ -502,13 +540,11 @@ class DnsServer:
         return _Zone(
             origin=origin,
             serial=serial,
-            content=content,
             soa=soa,
             apex=apex,
             entries=entries,
             nodes=nodes,
-            names=names,
-            empty_non_terminals=ents,
+            above=above,
             negative_soa=dns.rrset.from_rdata(origin, min(self._ttl, self._soa.minimum), soa),
             glue=glue,
             diffs=diffs,
@@ -518,16 +554,15 @@ class DnsServer:
     def _entries(
         self,
         origin: dns.name.Name,
-        zone_text: str,
         content: ZoneContent,
         old_entries: Mapping[tuple[str, str], _Entry],
-    ) -> tuple[dict[tuple[str, str], _Entry], list[tuple[str, str]]]:
-        """The record sets of the content, reused where unchanged; and the keys that changed."""
-        suffix = "." + zone_text if zone_text != "." else "."
+    ) -> _Edit:
+        """The record sets of the content, reused where unchanged."""
+        inside = _inside(origin)
         entries: dict[tuple[str, str], _Entry] = {}
         changed: list[tuple[str, str]] = []
         for owner, types in content.records.items():
-            if owner != zone_text and not owner.endswith(suffix):
+            if not inside(owner):
                 log.warning("zone %s: owner %s is outside the zone, left out", origin, owner)
                 continue
             for rdtype, texts in types.items():
@@ -538,7 +573,28 @@ class DnsServer:
                 elif texts:
                     entries[key] = self._entry(owner, rdtype, texts, origin, before)
                     changed.append(key)
-        return entries, changed
+        return _Edit(entries, changed, [key for key in old_entries if key not in entries])
+
+    def _changed_entries(self, origin: dns.name.Name, change: ZoneChange, old: _Zone) -> _Edit:
+        """The previous record sets with the change made."""
+        inside = _inside(origin)
+        entries = dict(old.entries)
+        changed: list[tuple[str, str]] = []
+        removed: list[tuple[str, str]] = []
+        for key, texts in change.records.items():
+            owner, rdtype = key
+            if not inside(owner):
+                log.warning("zone %s: owner %s is outside the zone, left out", origin, owner)
+                continue
+            before = entries.get(key)
+            if not texts:
+                if before is not None:
+                    del entries[key]
+                    removed.append(key)
+            elif before is None or before.texts != texts:
+                entries[key] = self._entry(owner, rdtype, texts, origin, before)
+                changed.append(key)
+        return _Edit(entries, changed, removed)
 
     def _apex(
         self, origin: dns.name.Name, serial: int, entries: Mapping[tuple[str, str], _Entry]
@@ -579,13 +635,24 @@ class DnsServer:
         origin: dns.name.Name,
         before: _Entry | None,
     ) -> _Entry:
-        """A record set of the content, its records not made yet."""
+        """A record set of the content, its records not made yet.
+
+        A changed set is measured by what changed in it, so that a VM joining a group of
+        thousands costs what one VM costs.
+        """
         kind = _rdtype(rdtype)
-        plain = owner.isascii() and "\\" not in owner
-        owner_size = (len(owner) + 1 if plain else len(_name(owner).to_wire() or b"")) + 10
-        sizes = tuple(owner_size + _rdata_size(kind, text, origin) for text in texts)
-        least = sum(12 + _rdata_least(kind, text) for text in texts)  # owner: a 2-byte pointer
-        return _Entry(owner, kind, texts, sizes, least, ttl=self._ttl, origin=origin, reuse=before)
+        if before is None:
+            measure = _measure(owner, kind, texts, origin)
+        else:
+            old, new = set(before.texts), set(texts)
+            gone = _measure(owner, kind, old - new, origin)
+            came = _measure(owner, kind, new - old, origin)
+            measure = (
+                before.size - gone[0] + came[0],
+                max(before.largest, came[1]),
+                before.least - gone[2] + came[2],
+            )
+        return _Entry(owner, kind, texts, measure, ttl=self._ttl, origin=origin, reuse=before)
 
     # -- NOTIFY ------------------------------------------------------------------------------
 
@@ -903,6 +970,20 @@ class DnsServer:
         return reply
 
 
+def check_free(listen: tuple[str, int]) -> None:
+    """Raise OSError if UDP or TCP on this address and port cannot be bound now.
+
+    For a clear message before a program opens anything else; the server binds for itself.
+    """
+    host, port = listen
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+
+
 class ServerThread:
     """A `DnsServer` on an event loop of its own, in a daemon thread.
 
@@ -993,9 +1074,32 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 def _entry_of(rrset: dns.rrset.RRset) -> _Entry:
     """An entry for records made by the server itself (SOA, NS, its address, IXFR SOAs)."""
     owner = len(rrset.name.to_wire() or b"") + 10
-    sizes = tuple(owner + len(rdata.to_wire() or b"") for rdata in rrset)
+    sizes = [owner + len(rdata.to_wire() or b"") for rdata in rrset]
     texts = tuple(rdata.to_text() for rdata in rrset)
-    return _Entry(rrset.name.to_text(), rrset.rdtype, texts, sizes, 0, ttl=rrset.ttl, made=rrset)
+    measure = (sum(sizes), max(sizes, default=0), 0)
+    return _Entry(rrset.name.to_text(), rrset.rdtype, texts, measure, ttl=rrset.ttl, made=rrset)
+
+
+def _measure(
+    owner: str, kind: dns.rdatatype.RdataType, texts: Iterable[str], origin: dns.name.Name | None
+) -> _Measure:
+    """Upper bounds of the records' total and largest size, and a lower bound of their size
+    in an answer (where the owner is a 2-byte pointer)."""
+    owner_size = _owner_size(owner)
+    size = largest = least = 0
+    for text in texts:
+        each = owner_size + _rdata_size(kind, text, origin)
+        size += each
+        largest = max(largest, each)
+        least += 12 + _rdata_least(kind, text)
+    return size, largest, least
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _owner_size(owner: str) -> int:
+    """Owner name, type, class, TTL and length of a record, uncompressed."""
+    plain = owner.isascii() and "\\" not in owner
+    return (len(owner) + 1 if plain else len(_name(owner).to_wire() or b"")) + 10
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -1079,55 +1183,79 @@ def _patched(
     changed: Iterable[tuple[str, str]],
     removed: Iterable[tuple[str, str]],
     apex: Iterable[_Entry],
-) -> dict[_Key, dict[int, _Entry]]:
-    """The lookup table of a new version: the previous one, copied, with the changes made."""
+) -> tuple[dict[_Key, dict[int, _Entry]], set[_Key], set[_Key]]:
+    """The lookup table of a new version: the previous one, copied, with the changes made;
+    and the owners that came and went with them."""
     nodes: dict[_Key, dict[int, _Entry]] = dict(old.nodes) if old is not None else {}  # type: ignore[arg-type]
+    came: set[_Key] = set()
+    went: set[_Key] = set()
     if old is not None:
         for key in removed:
-            _put(nodes, old.entries[key], None)
+            _put(nodes, old.entries[key], None, came, went)
     for key in changed:
-        _put(nodes, entries[key], entries[key])
+        _put(nodes, entries[key], entries[key], came, went)
     if old is not None:
         for entry in old.apex[2:]:  # the name server's address, maybe taken by a VM now
             key = (entry.owner.lower(), dns.rdatatype.to_text(entry.rdtype))
-            _put(nodes, entry, entries.get(key))
+            _put(nodes, entry, entries.get(key), came, went)
     for entry in apex:
-        _put(nodes, entry, entry)
-    return nodes
+        _put(nodes, entry, entry, came, went)
+    return nodes, came - went, went - came
 
 
 def _put(
     nodes: dict[_Key, dict[int, _Entry]],
     where: _Entry,
     entry: _Entry | None,
+    came: set[_Key],
+    went: set[_Key],
 ) -> None:
-    """Set (or remove, with None) one record set of a node, copying the node, not changing it."""
+    """Set (or remove, with None) one record set of a node, copying the node, not changing it;
+    a node made or emptied goes into `came` or `went`."""
     key = where.key
-    node = dict(nodes.get(key, {}))
+    before = nodes.get(key)
+    node = dict(before or {})
     if entry is None:
         node.pop(where.rdtype, None)
     else:
         node[where.rdtype] = entry
     if node:
         nodes[key] = node
-    else:
-        nodes.pop(key, None)
+        if before is None:
+            came.add(key)
+            went.discard(key)
+    elif before is not None:
+        del nodes[key]
+        went.add(key)
+        came.discard(key)
 
 
-def _empty_non_terminals(
-    zone: str, owners: Iterable[str], known: Mapping[str, _Key]
-) -> dict[str, _Key]:
-    """Names without records but with names below them (`<host>.<zone>`), by text."""
-    found: dict[str, _Key] = {}
-    owned = set(owners)
-    for owner in owned:
-        text = owner
-        while text != zone:
-            text = text.split(".", 1)[1] or "."
-            if text in found or text in owned:
-                break
-            found[text] = known.get(text) or _key(dns.name.from_text(text))
-    return found
+def _above(
+    apex: _Key, old: Mapping[_Key, int], came: Iterable[_Key], went: Iterable[_Key]
+) -> dict[_Key, int]:
+    """The names between the apex and the owners, counting the owners below each.
+
+    A name with an owner below it exists even without records of its own (an empty
+    non-terminal such as `<host>.<zone>`, RFC 8020): it answers NODATA, not NXDOMAIN.
+    """
+    above = dict(old)
+    for owners, step in ((came, 1), (went, -1)):
+        for owner in owners:
+            for start in range(1, len(owner) - len(apex)):
+                name = owner[start:]
+                count = above.get(name, 0) + step
+                if count:
+                    above[name] = count
+                else:
+                    del above[name]
+    return above
+
+
+def _inside(origin: dns.name.Name) -> Callable[[str], bool]:
+    """Whether an owner's text is in the zone (the apex or below it)."""
+    zone_text = origin.to_text().lower()
+    suffix = "." + zone_text if zone_text != "." else "."
+    return lambda owner: owner == zone_text or owner.endswith(suffix)
 
 
 def _difference(
@@ -1156,13 +1284,12 @@ def _difference(
 
 def _pick(entry: _Entry, texts: set[str]) -> _Entry:
     """The part of an entry with these texts (its records made when a transfer needs them)."""
-    picked = [i for i, text in enumerate(entry.texts) if text in texts]
+    picked = tuple(text for text in entry.texts if text in texts)
     return _Entry(
         entry.owner,
         entry.rdtype,
-        tuple(entry.texts[i] for i in picked),
-        tuple(entry.sizes[i] for i in picked),
-        0,
+        picked,
+        _measure(entry.owner, entry.rdtype, picked, entry.origin),
         ttl=entry.ttl,
         origin=entry.origin,  # not `reuse`: a kept difference would hold the whole old set
     )
@@ -1186,7 +1313,7 @@ def _chunks(parts: Sequence[_Entry], budget: int) -> Iterator[list[dns.rrset.RRs
             used += part.size
             continue
         records = list(part.rrset)
-        each = max(part.sizes)  # the records of a set have about the same size
+        each = part.largest
         start = 0
         while start < len(records):
             end, size = start, 0
@@ -1221,7 +1348,7 @@ def _lookup(zone: _Zone, qkey: _Key, qtype: int, response: dns.message.Message, 
         if qtype == _NS:
             response.additional = list(zone.glue)
         return
-    if qkey not in zone.names:
+    if node is None and qkey not in zone.above:
         response.set_rcode(dns.rcode.NXDOMAIN)
     response.authority = [zone.negative_soa]
 

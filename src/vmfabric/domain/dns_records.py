@@ -107,38 +107,19 @@ def absolute(origin: str) -> str:
 def forward_zone(
     origin: str, registrations: Iterable[Registration], blocked: Mapping[str, str]
 ) -> ZoneContent:
-    """The forward zone of the registrations, with the TXT marks of the blocked groups.
+    """The forward zone of the registrations (one per VM), with the TXT marks of the blocked
+    groups.
 
     Raises InvalidInput for a VM, host or image name that is not a DNS label, or an address
     that is not an IP address: registrations come from the store, where both were checked, so
     this is a bug to report rather than a record to skip.
     """
-    zone = absolute(origin)
-    records = _Records()
-    host_groups: dict[str, set[str]] = {}
-    group_vms: dict[str, set[str]] = {}
+    builder = ZoneBuilder(origin, ())
     for registration in registrations:
-        vm = _label("VM", registration.vm)
-        host = _label("host", registration.host)
-        image = _label("image", registration.image)
-        group = group_name(host, image)
-        addresses = [_canonical(text) for text in registration.addresses]
-        records.add_addresses(_child(vm, zone), addresses)
-        if not _fits(group, zone):
-            continue
-        records.add_addresses(_child(group, zone), addresses)
-        host_groups.setdefault(host, set()).add(group)
-        group_vms.setdefault(group, set()).add(vm)
-    for host, groups in host_groups.items():
-        owner = _child(f"_vmgroups._udp.{host}", zone)
-        records.add_texts(owner, "SRV", (_SRV_PREFIX + _child(g, zone) for g in groups))
-    for group, vms in group_vms.items():
-        owner = _child(f"_vms._udp.{group}", zone)
-        records.add_texts(owner, "SRV", (_SRV_PREFIX + _child(vm, zone) for vm in vms))
+        builder.put(registration)
     for group, reason in blocked.items():
-        if _is_label(group) and _fits(group, zone):
-            records.add_texts(_child(group, zone), "TXT", [blocked_txt(reason)])
-    return ZoneContent(zone, records.frozen())
+        builder.block(group, reason)
+    return builder.contents()[0]
 
 
 def blocked_txt(reason: str) -> str:
@@ -186,27 +167,180 @@ def reverse_zones(
     Every zone of the networks is returned, also when empty, so the server answers NXDOMAIN
     (not REFUSED) for an unregistered address of a known network. Sorted by zone name.
     """
-    zone = absolute(origin)
-    networks = [_network(cidr) for cidr in cidrs]
+    builder = ZoneBuilder(origin, cidrs)
+    for registration in registrations:
+        builder.put(registration)
+    return builder.contents()[1:]
+
+
+@dataclass(frozen=True)
+class ZoneChange:
+    """What changed in one zone: the new records of each changed set, `()` for a set gone.
+
+    `records` maps (absolute owner, rdtype text) to the sorted rdata texts, as in ZoneContent.
+    """
+
+    origin: str
+    records: Mapping[tuple[str, str], tuple[str, ...]]
+
+
+_SetKey = tuple[str, str, str]  # zone, owner, rdtype
+_Fact = tuple[str, str, str, str]  # zone, owner, rdtype, rdata text
+
+
+class ZoneBuilder:
+    """The forward and reverse zones of registrations that come and go one at a time.
+
+    Each registration (and each block) contributes records; a record set holds a record while
+    any contribution has it, so a group's address set is the union of its VMs' without being
+    recomputed. Changing one registration costs what that registration contributes, not the
+    size of the zones, and `changes` tells exactly which record sets it changed: a server
+    that applies them keeps up with thousands of VMs at the price of the few that changed.
+    """
+
+    def __init__(self, origin: str, cidrs: Iterable[str]) -> None:
+        """Zones of `origin` and of the reverse zones of these networks (fixed for its life)."""
+        self.origin = absolute(origin)
+        networks = tuple(_network(cidr) for cidr in cidrs)
+        reverse = _reverse_layout(networks)
+        self.origins = (self.origin, *sorted(reverse))
+        self._zone_of = _zone_finder(networks, tuple(reverse.items()))
+        self._sets: dict[_SetKey, dict[str, int]] = {}
+        self._contributed: dict[tuple[str, str], frozenset[_Fact]] = {}
+        self._registrations: dict[str, Registration] = {}
+        self._touched: set[_SetKey] = set()
+
+    def registration(self, vm: str) -> Registration | None:
+        """The registration the zones hold for a VM, if any."""
+        return self._registrations.get(vm)
+
+    def vms(self) -> set[str]:
+        """The VMs registered."""
+        return set(self._registrations)
+
+    def put(self, registration: Registration) -> None:
+        """Register a VM, or replace its registration (new addresses, host or image).
+
+        Raises InvalidInput as `forward_zone` does, changing nothing.
+        """
+        facts = self._facts(registration)
+        self._contribute(("vm", registration.vm), facts)
+        self._registrations[registration.vm] = registration
+
+    def remove(self, vm: str) -> None:
+        """Take a VM's registration out of the zones (nothing happens if it has none)."""
+        self._contribute(("vm", vm), frozenset())
+        self._registrations.pop(vm, None)
+
+    def block(self, group: str, reason: str) -> None:
+        """Mark a group blocked in DNS (its TXT record); a key that is not a group name is
+        left out."""
+        facts: frozenset[_Fact] = frozenset()
+        if _is_label(group) and _fits(group, self.origin):
+            owner = _child(group, self.origin)
+            facts = frozenset({(self.origin, owner, "TXT", blocked_txt(reason))})
+        self._contribute(("block", group), facts)
+
+    def unblock(self, group: str) -> None:
+        """Take a group's block mark out of DNS."""
+        self._contribute(("block", group), frozenset())
+
+    def contents(self) -> list[ZoneContent]:
+        """Every zone whole: the forward zone first, then the reverse zones by name."""
+        gathered: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {o: {} for o in self.origins}
+        for (zone, owner, rdtype), texts in self._sets.items():
+            gathered[zone].setdefault(owner, {})[rdtype] = _sorted(rdtype, texts)
+        return [
+            ZoneContent(
+                origin, {owner: _in_type_order(records[owner]) for owner in sorted(records)}
+            )
+            for origin, records in gathered.items()
+        ]
+
+    def changes(self) -> list[ZoneChange]:
+        """The record sets changed since the last call, by zone in `origins` order (zones
+        without change left out); then starts counting afresh."""
+        by_zone: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {}
+        for key in sorted(self._touched):
+            zone, owner, rdtype = key
+            texts = self._sets.get(key)
+            by_zone.setdefault(zone, {})[(owner, rdtype)] = _sorted(rdtype, texts or {})
+        self._touched.clear()
+        return [ZoneChange(zone, by_zone[zone]) for zone in self.origins if zone in by_zone]
+
+    def _facts(self, registration: Registration) -> frozenset[_Fact]:
+        zone = self.origin
+        vm = _label("VM", registration.vm)
+        host = _label("host", registration.host)
+        image = _label("image", registration.image)
+        addresses = [_canonical(text) for text in registration.addresses]
+        vm_name = _child(vm, zone)
+        facts: set[_Fact] = {(zone, vm_name, _address_type(v), a) for v, a in addresses}
+        group = group_name(host, image)
+        if _fits(group, zone):
+            group_owner = _child(group, zone)
+            facts.update((zone, group_owner, _address_type(v), a) for v, a in addresses)
+            host_srv = _child(f"_vmgroups._udp.{host}", zone)
+            facts.add((zone, host_srv, "SRV", _SRV_PREFIX + group_owner))
+            facts.add((zone, _child(f"_vms._udp.{group}", zone), "SRV", _SRV_PREFIX + vm_name))
+        for _version, address in addresses:
+            where = self._zone_of(address)
+            if where is not None:
+                facts.add((where[0], where[1], "PTR", vm_name))
+        return frozenset(facts)
+
+    def _contribute(self, key: tuple[str, str], facts: frozenset[_Fact]) -> None:
+        before = self._contributed.get(key, frozenset())
+        for zone, owner, rdtype, text in before - facts:
+            set_key = (zone, owner, rdtype)
+            texts = self._sets[set_key]
+            texts[text] -= 1
+            if not texts[text]:
+                del texts[text]
+                self._touched.add(set_key)
+                if not texts:
+                    del self._sets[set_key]
+        for zone, owner, rdtype, text in facts - before:
+            set_key = (zone, owner, rdtype)
+            texts = self._sets.setdefault(set_key, {})
+            texts[text] = texts.get(text, 0) + 1
+            if texts[text] == 1:
+                self._touched.add(set_key)
+        if facts:
+            self._contributed[key] = facts
+        else:
+            self._contributed.pop(key, None)
+
+
+def _reverse_layout(networks: Sequence[IPNetwork]) -> dict[str, IPNetwork]:
+    """Reverse zone name -> the network it covers, for the networks; nested zones merged."""
     zone_networks: dict[str, IPNetwork] = {}
     for network in networks:
         step = 8 if network.version == 4 else 4
         rounded = network.supernet(new_prefix=network.prefixlen - network.prefixlen % step)
         zone_networks.setdefault(reverse_zone_name(network), rounded)
-    kept = {
+    return {
         name: net
         for name, net in zone_networks.items()
         if not any(_strictly_inside(net, other) for other in zone_networks.values())
     }
-    records = {name: _Records() for name in kept}
-    zone_of = _zone_finder(tuple(networks), tuple(kept.items()))
-    for registration in registrations:
-        target = _child(_label("VM", registration.vm), zone)
-        for text in registration.addresses:
-            where = zone_of(_canonical(text)[1])
-            if where is not None:
-                records[where[0]].add_texts(where[1], "PTR", [target])
-    return [ZoneContent(name, records[name].frozen()) for name in sorted(kept)]
+
+
+def _address_type(version: int) -> str:
+    return "A" if version == 4 else "AAAA"
+
+
+def _sorted(rdtype: str, texts: Iterable[str]) -> tuple[str, ...]:
+    """Record texts in zone order: addresses by value, other data as text."""
+    if rdtype in ("A", "AAAA"):
+        return tuple(sorted(texts, key=_value))
+    return tuple(sorted(texts))
+
+
+def _in_type_order(types: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """A and AAAA first, then the other types by name."""
+    order = sorted(types, key=lambda rdtype: (rdtype not in ("A", "AAAA"), rdtype))
+    return {rdtype: types[rdtype] for rdtype in order}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -313,39 +447,6 @@ def _strictly_inside(inner: IPNetwork, outer: IPNetwork) -> bool:
         and int(outer.network_address) <= int(inner.network_address)
         and int(inner.broadcast_address) <= int(outer.broadcast_address)
     )
-
-
-class _Records:
-    """Records being gathered: sets, so that duplicates go away; frozen sorted at the end."""
-
-    def __init__(self) -> None:
-        self.v4: dict[str, set[str]] = {}
-        self.v6: dict[str, set[str]] = {}
-        self.texts: dict[str, dict[str, set[str]]] = {}
-
-    def add_addresses(self, owner: str, addresses: Iterable[tuple[int, str]]) -> None:
-        """Addresses as (version, canonical text)."""
-        for version, text in addresses:
-            (self.v4 if version == 4 else self.v6).setdefault(owner, set()).add(text)
-
-    def add_texts(self, owner: str, rdtype: str, texts: Iterable[str]) -> None:
-        self.texts.setdefault(owner, {}).setdefault(rdtype, set()).update(texts)
-
-    def frozen(self) -> dict[str, dict[str, tuple[str, ...]]]:
-        """Owner -> type -> sorted texts; types in order (A and AAAA sort before the others)."""
-        result: dict[str, dict[str, tuple[str, ...]]] = {}
-        v4, v6, texts = self.v4, self.v6, self.texts
-        for owner in sorted(v4.keys() | v6.keys() | texts.keys()):
-            types: dict[str, tuple[str, ...]] = {}
-            for rdtype, found in (("A", v4.get(owner)), ("AAAA", v6.get(owner))):
-                if found:
-                    types[rdtype] = tuple(sorted(found, key=_value) if len(found) > 1 else found)
-            other = texts.get(owner)
-            if other:
-                for rdtype in sorted(other):
-                    types[rdtype] = tuple(sorted(other[rdtype]))
-            result[owner] = types
-        return result
 
 
 def _quoted(raw: bytes) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol, TypeVar
@@ -47,9 +47,10 @@ class Controller:
     owner: str
     writes: GroupCommitter
     create_claim: timedelta = timedelta(seconds=120)
-    names_changed: Callable[[], None] = field(default=lambda: None)
-    """Called after every change registrations are made of (leases, VM states, VMs); the
-    name publisher sets it when a DNS server runs."""
+    names_changed: Callable[[Collection[str] | None], None] = field(default=lambda _vms: None)
+    """Called after every change registrations are made of (leases, VM states, VMs, networks)
+    with the names of the VMs it concerns, or None when it may concern any; the name
+    publisher sets it when a DNS server runs."""
 
     def uow(self) -> UnitOfWork:
         """A new unit of work (one transaction)."""

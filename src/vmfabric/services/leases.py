@@ -16,17 +16,17 @@ from sqlalchemy.orm import Session
 from vmfabric.domain.model import LeaseAction, LeaseEvent
 from vmfabric.domain.names import normalize_mac
 from vmfabric.services.context import Controller, transaction
-from vmfabric.store.tables import Lease, Network
+from vmfabric.store.tables import Lease, Network, Nic, Vm
 
 log = logging.getLogger(__name__)
 
 
 def record_lease_event(ctl: Controller, event: LeaseEvent) -> bool:
     """Apply one event; True when it changed the stored leases."""
-    changed = transaction(lambda: _apply(ctl, event))
-    if changed:
-        ctl.names_changed()
-    return changed
+    holder = transaction(lambda: _apply(ctl, event))
+    if holder:
+        ctl.names_changed([holder])
+    return holder is not None
 
 
 def sync_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int:
@@ -37,7 +37,7 @@ def sync_leases(ctl: Controller, network: str, current: list[LeaseEvent]) -> int
     """
     changes = transaction(lambda: _replace_leases(ctl, network, current))
     if changes:
-        ctl.names_changed()
+        ctl.names_changed(None)
     return changes
 
 
@@ -59,14 +59,15 @@ def _replace_leases(ctl: Controller, network: str, current: list[LeaseEvent]) ->
         return changes
 
 
-def _apply(ctl: Controller, event: LeaseEvent) -> bool:
+def _apply(ctl: Controller, event: LeaseEvent) -> str | None:
+    """None when nothing changed; else the VM holding the MAC ("" when no VM does)."""
     mac = normalize_mac(event.mac)
     with ctl.uow() as uow:
         session = uow.session
         network_id = session.scalar(select(Network.id).where(Network.name == event.network))
         if network_id is None:
             log.warning("lease event for unknown network %s ignored", event.network)
-            return False
+            return None
         if event.action == LeaseAction.DEL:
             result = session.execute(
                 delete(Lease).where(*_lease_key(network_id, mac, event.address))
@@ -74,9 +75,13 @@ def _apply(ctl: Controller, event: LeaseEvent) -> bool:
             changed = bool(getattr(result, "rowcount", 0))
         else:
             changed = _upsert(session, network_id, mac, event)
-        if changed:
-            uow.commit()
-        return changed
+        if not changed:
+            return None
+        holder = session.scalar(
+            select(Vm.name).join(Nic).where(Nic.network_id == network_id, Nic.mac == mac)
+        )
+        uow.commit()
+        return holder or ""
 
 
 def _upsert(session: Session, network_id: int, mac: str, event: LeaseEvent) -> bool:

@@ -132,6 +132,7 @@ def create_network(ctl: Controller, request: CreateNetwork) -> NetworkView:
         _unprovision(ctl, request.name)
         transaction(lambda: _drop_network(ctl, request.name))
         raise Unavailable(f"could not set up network {request.name!r}: {error}") from error
+    ctl.names_changed(None)  # a reverse zone more
     return view
 
 
@@ -239,6 +240,7 @@ def delete_network(ctl: Controller, name: str) -> None:
         )
     _unprovision(ctl, name)
     transaction(lambda: _drop_network(ctl, name))
+    ctl.names_changed(None)
 
 
 def _unprovision(ctl: Controller, name: str) -> None:

@@ -6,30 +6,31 @@ the store, not kept apart, so it follows every change the store sees: a released
 stopped, deleted or moved to another host. A running VM without a lease is still registered
 (it belongs to its group, it just has no address to publish yet); a stopped one is not.
 
-The zones are rebuilt whole from the registrations when something changed, at most once per
-window (`NamePublisher`), which keeps the DNS server's data one consistent snapshot of the
-store.
+The publisher keeps the zones in a `ZoneBuilder` and, after a change, re-reads only the VMs
+the change names, so that what a change costs does not grow with the number of VMs; the DNS
+server gets only the record sets that changed. Changes that touch everything (the controller
+starting, networks added or removed, leases resynchronized) re-read the whole store.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from vmfabric.coalescing import Coalescer
-from vmfabric.domain.dns_records import Registration, ZoneContent, forward_zone, reverse_zones
-from vmfabric.domain.model import VmState
+from vmfabric.domain.dns_records import Registration, ZoneBuilder, ZoneChange, ZoneContent
 from vmfabric.services.context import Controller
-from vmfabric.store.tables import Host, Lease, Nic, Subnet, Vm
+from vmfabric.store import repository
+from vmfabric.store.tables import Subnet
 
 log = logging.getLogger(__name__)
 
-MIN_PUBLISH_WINDOW_S = 0.02
+MIN_PUBLISH_WINDOW_S = 0.05
 PUBLISH_SPACING_FACTOR = 2
 MAX_PUBLISH_WINDOW_S = 0.5
 
@@ -41,33 +42,20 @@ class ZonePublisher(Protocol):
         """Serve exactly these zones from now on; the serial of each."""
         ...
 
+    def update(self, changes: Sequence[ZoneChange]) -> dict[str, int]:
+        """Change these record sets of the served zones; the serial of each zone changed."""
+        ...
+
 
 def registrations(ctl: Controller) -> list[Registration]:
     """Every running VM with the addresses its NICs hold by lease, sorted by VM name."""
     with ctl.uow() as uow:
-        return _registrations(uow.session)
+        return _registrations(repository.registration_rows(uow.connection))
 
 
-def zones(ctl: Controller, origin: str) -> list[ZoneContent]:
-    """The forward zone and the reverse zones of every network's subnets, read in one
-    transaction so the zones are one snapshot of the store."""
-    with ctl.uow() as uow:
-        cidrs = list(uow.session.scalars(select(Subnet.cidr).order_by(Subnet.id)))
-        registered = _registrations(uow.session)
-    return [forward_zone(origin, registered, {}), *reverse_zones(origin, cidrs, registered)]
-
-
-def _registrations(session: Session) -> list[Registration]:
-    query = (
-        select(Vm.name, Host.name.label("host"), Vm.image, Lease.address)
-        .join(Host, Host.id == Vm.host_id)
-        .outerjoin(Nic, Nic.vm_id == Vm.id)
-        .outerjoin(Lease, (Lease.mac == Nic.mac) & (Lease.network_id == Nic.network_id))
-        .where(Vm.state == VmState.RUNNING.value)
-        .order_by(Vm.name, Lease.address)
-    )
+def _registrations(rows: Iterable[Any]) -> list[Registration]:
     found: dict[str, tuple[str, str, list[str]]] = {}
-    for row in session.execute(query):
+    for row in rows:
         _host, _image, addresses = found.setdefault(row.name, (row.host, row.image, []))
         if row.address is not None:
             addresses.append(row.address)
@@ -75,27 +63,41 @@ def _registrations(session: Session) -> list[Registration]:
 
 
 class NamePublisher:
-    """Rebuilds and publishes the zones after changes, spaced by what a rebuild costs.
+    """Keeps the DNS server's zones in step with the store, spaced by what a run costs.
 
     The first change after a quiet spell is published at once; a burst of changes (hundreds
-    of lease events after a dnsmasq reload) shares rebuilds no closer than twice the last
-    rebuild's duration, between 20 and 500 ms.
+    of lease events after a dnsmasq reload) shares runs no closer than twice the last run's
+    duration, between 50 and 500 ms.
     """
 
     def __init__(self, ctl: Controller, server: ZonePublisher, origin: str) -> None:
         self._ctl = ctl
         self._server = server
         self._origin = origin
+        self._builder: ZoneBuilder | None = None
+        self._cidrs: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._everything = True
         self._last_cost = 0.0
         self._runs = Coalescer(self._publish, self._window, "dns-publish")
 
-    def changed(self) -> None:
-        """Something the registrations are made of changed: publish soon."""
+    def changed(self, vms: Collection[str] | None = None) -> None:
+        """These VMs' registrations (or, with None, anything) changed: publish soon.
+
+        Cheap: called on the event loop by the use cases.
+        """
+        with self._lock:
+            if vms is None:
+                self._everything = True
+            else:
+                self._pending.update(vms)
         self._runs.request(self._origin)
 
     def publish_now(self) -> dict[str, int]:
-        """Rebuild and publish at once (at start); the serial of each zone."""
-        return self._rebuild()
+        """Read everything and publish at once (at start); the serial of each zone."""
+        self.changed()
+        return self._run()
 
     def close(self) -> None:
         """Publish what is pending, then stop."""
@@ -106,10 +108,57 @@ class NamePublisher:
         return min(max(spaced, MIN_PUBLISH_WINDOW_S), MAX_PUBLISH_WINDOW_S)
 
     def _publish(self, _origin: str) -> None:
-        self._rebuild()
+        self._run()
 
-    def _rebuild(self) -> dict[str, int]:
+    def _run(self) -> dict[str, int]:
         started = time.monotonic()
-        serials = self._server.publish(zones(self._ctl, self._origin))
+        with self._lock:
+            everything, names = self._everything, self._pending
+            self._everything, self._pending = False, set()
+        try:
+            if everything or self._builder is None:
+                serials = self._publish_everything()
+            else:
+                serials = self._publish_vms(self._builder, names)
+        except Exception:
+            # the builder may hold changes the server did not get: start again from the store
+            self._builder = None
+            self._last_cost = MAX_PUBLISH_WINDOW_S
+            self.changed()
+            raise
         self._last_cost = time.monotonic() - started
         return serials
+
+    def _publish_everything(self) -> dict[str, int]:
+        """Re-read the store whole; rebuild the zones only when the networks changed."""
+        with self._ctl.uow() as uow:
+            cidrs = tuple(uow.session.scalars(select(Subnet.cidr).order_by(Subnet.id)))
+            found = _registrations(repository.registration_rows(uow.connection))
+        builder = self._builder
+        if builder is None or cidrs != self._cidrs:
+            builder = ZoneBuilder(self._origin, cidrs)
+            _apply(builder, found, ())
+            builder.changes()
+            self._builder, self._cidrs = builder, cidrs
+            return self._server.publish(builder.contents())
+        _apply(builder, found, builder.vms() - {r.vm for r in found})
+        return self._server.update(builder.changes())
+
+    def _publish_vms(self, builder: ZoneBuilder, names: set[str]) -> dict[str, int]:
+        """Re-read only these VMs: what a change costs does not grow with the zones."""
+        with self._ctl.uow() as uow:
+            conn = uow.connection
+            found = _registrations(
+                row for vm in sorted(names) for row in repository.registration_rows(conn, vm)
+            )
+        _apply(builder, found, names - {r.vm for r in found})
+        return self._server.update(builder.changes())
+
+
+def _apply(builder: ZoneBuilder, found: Iterable[Registration], gone: Iterable[str]) -> None:
+    """Put what was read into the builder; registrations that did not change stay as they are."""
+    for vm in gone:
+        builder.remove(vm)
+    for registration in found:
+        if builder.registration(registration.vm) != registration:
+            builder.put(registration)

@@ -112,7 +112,7 @@ async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
         except BaseException:
             await anyio.to_thread.run_sync(_undo_create, ctl, request.name, hypervisor)
             raise
-    ctl.names_changed()
+    ctl.names_changed([request.name])
     views = [nic_view_of(n.network.name, n.mac, n.held) for n in nics]
     return VmView(
         request.name,
@@ -316,7 +316,7 @@ def _write_reservations(ctl: Controller, name: str) -> None:
 def _set_state(ctl: Controller, name: str, state: VmState) -> None:
     """Record the VM's state; a settled VM is nobody's claim any more."""
     ctl.writes.run(partial(_write_state, name, state))
-    ctl.names_changed()
+    ctl.names_changed([name])
 
 
 def _write_state(name: str, state: VmState, conn: Connection) -> None:
@@ -357,7 +357,7 @@ def _forget_vm(ctl: Controller, name: str) -> None:
     for network, mac in reservations:
         ctl.dhcp.delete(network, mac)
     transaction(lambda: _delete_records(ctl, name))
-    ctl.names_changed()
+    ctl.names_changed([name])
 
 
 def _delete_records(ctl: Controller, name: str) -> None:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from vmfabric.domain.errors import Conflict, NotFound
 from vmfabric.domain.ipam import AddressRange, key_value
+from vmfabric.domain.model import VmState
 from vmfabric.store.prepared import Prepared, PreparedInsert
 from vmfabric.store.tables import (
     Allocation,
     Host,
+    Lease,
     Network,
     Nic,
     ReservedRange,
@@ -92,6 +95,17 @@ _NETWORK = Prepared(
     .where(Network.name == bindparam("name"))
     .order_by(Subnet.id, ReservedRange.first_key)
 )
+
+_RUNNING_WITH_LEASES = (
+    select(Vm.name, Host.name.label("host"), Vm.image, Lease.address)
+    .join(Host, Host.id == Vm.host_id)
+    .outerjoin(Nic, Nic.vm_id == Vm.id)
+    .outerjoin(Lease, (Lease.mac == Nic.mac) & (Lease.network_id == Nic.network_id))
+    .where(Vm.state == VmState.RUNNING.value)
+    .order_by(Vm.name, Lease.address)
+)
+_EVERY_REGISTRATION = Prepared(_RUNNING_WITH_LEASES)
+_REGISTRATION = Prepared(_RUNNING_WITH_LEASES.where(Vm.name == bindparam("vm")))
 
 _INSERT_VM = PreparedInsert(
     Vm, "name", "host_id", "image", "state", "owner", "claim_expires", "created_at"
@@ -244,3 +258,14 @@ def _vm_query() -> Select[Vm]:
         selectinload(Vm.nics).joinedload(Nic.network),
         selectinload(Vm.nics).selectinload(Nic.addresses).joinedload(Allocation.subnet),
     )
+
+
+def registration_rows(conn: Connection, vm: str | None = None) -> list[Any]:
+    """(name, host, image, address) of each leased address of running VMs, or of one VM; a
+    running VM without a lease has one row with address None. Sorted by VM, then address.
+
+    Run on every change of the names a DNS server publishes, so without the ORM.
+    """
+    if vm is None:
+        return _EVERY_REGISTRATION.rows(conn)
+    return _REGISTRATION.rows(conn, {"vm": vm})
