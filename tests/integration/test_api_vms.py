@@ -251,6 +251,9 @@ class FixedAgents:
     def hypervisor(self, host: HostRef) -> Hypervisor:
         return self.hypervisor_of_every_host
 
+    def vswitch(self, host: HostRef) -> None:
+        return None
+
 
 def test_a_mac_already_in_use_makes_the_host_define_the_vm_again(
     api: TestClient, controller: Controller

@@ -151,3 +151,17 @@ def test_serve_answers_for_its_zone_on_the_dns_address(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_blocks_show_as_txt_on_the_group_names(api: TestClient, dns: int) -> None:
+    cloud(api)
+    blocked = api.post(
+        "/api/v1/images/debian12/block", json={"reason": "CVE-2026-0001", "by": "alice"}
+    )
+    assert blocked.status_code == 200, blocked.text
+    mark = sorted(['"vmfabric-blocked"', '"reason=CVE-2026-0001"'])  # dig() sorts its words
+    eventually(dns, ["TXT", "hv1-debian12.vmfabric.test"], mark)
+    eventually(dns, ["TXT", "hv2-debian12.vmfabric.test"], mark)  # no debian12 VM there yet
+    eventually(dns, ["TXT", "hv2-alpine.vmfabric.test"], [])
+    api.post("/api/v1/images/debian12/unblock", json={"by": "bob"})
+    eventually(dns, ["TXT", "hv1-debian12.vmfabric.test"], [])

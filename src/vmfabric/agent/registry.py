@@ -1,4 +1,4 @@
-"""The in-process host agents: one hypervisor driver per registered host.
+"""The in-process host agents: one hypervisor and one switch driver per registered host.
 
 On one machine the controller and every host's agent share a process; the drivers are built
 on first use and kept, so a libvirt connection is opened once per host.
@@ -10,6 +10,7 @@ import threading
 
 from vmfabric.hypervisor import Hypervisor, HypervisorError
 from vmfabric.services.context import HostRef
+from vmfabric.vswitch import Vswitch
 
 
 class LocalAgents:
@@ -17,6 +18,7 @@ class LocalAgents:
 
     def __init__(self) -> None:
         self._drivers: dict[str, Hypervisor] = {}
+        self._switches: dict[str, Vswitch | None] = {}
         self._lock = threading.Lock()
 
     def hypervisor(self, host: HostRef) -> Hypervisor:
@@ -27,6 +29,14 @@ class LocalAgents:
                 driver = _build(host)
                 self._drivers[host.name] = driver
             return driver
+
+    def vswitch(self, host: HostRef) -> Vswitch | None:
+        """The switch driver for `host`: the lab's switch, the system Open vSwitch of a
+        libvirt host, none for noop hosts."""
+        with self._lock:
+            if host.name not in self._switches:
+                self._switches[host.name] = _switch(host)
+            return self._switches[host.name]
 
 
 def _build(host: HostRef) -> Hypervisor:
@@ -43,3 +53,15 @@ def _build(host: HostRef) -> Hypervisor:
 
         return NoopHypervisor()
     raise HypervisorError(f"host {host.name!r} has unknown driver {host.driver!r}")
+
+
+def _switch(host: HostRef) -> Vswitch | None:
+    if host.driver == "lab":
+        from vmfabric.vswitch.openvswitch import lab_vswitch
+
+        return lab_vswitch()
+    if host.driver == "libvirt":
+        from vmfabric.vswitch.openvswitch import OpenVswitch
+
+        return OpenVswitch()
+    return None

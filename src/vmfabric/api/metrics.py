@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from vmfabric.services.context import Controller
-from vmfabric.store.tables import Allocation, Network, Subnet, Vm
+from vmfabric.store.tables import Allocation, GroupBlock, Network, Subnet, Vm
 
 registry = CollectorRegistry()
 
@@ -24,6 +24,12 @@ VM_CREATE_SECONDS = Histogram(
     "vmfabric_vm_create_seconds",
     "Time to create a VM: preset, define, reserve, start",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=registry,
+)
+GROUP_OPERATIONS = Counter(
+    "vmfabric_group_operations",
+    "Blocks and unblocks of groups and images, by outcome",
+    ["operation", "outcome"],
     registry=registry,
 )
 LEASE_EVENTS = Counter(
@@ -51,6 +57,9 @@ class StateCollector(Collector):
             labels=["network", "cidr"],
         )
         vms = GaugeMetricFamily("vmfabric_vms", "VMs by state", labels=["state"])
+        blocks = GaugeMetricFamily(
+            "vmfabric_group_blocks", "Blocks in force, by scope", labels=["scope"]
+        )
         with self._ctl.uow() as uow:
             rows = uow.session.execute(
                 select(Network.name, Subnet.cidr, func.count(Allocation.id), Subnet.capacity)
@@ -65,9 +74,14 @@ class StateCollector(Collector):
                 select(Vm.state, func.count()).group_by(Vm.state)
             ):
                 vms.add_metric([state], count)
+            for scope, count in uow.session.execute(
+                select(GroupBlock.scope, func.count()).group_by(GroupBlock.scope)
+            ):
+                blocks.add_metric([scope], count)
         yield used
         yield capacity
         yield vms
+        yield blocks
 
 
 def exposition(ctl: Controller) -> bytes:

@@ -1,4 +1,4 @@
-"""The REST API under /api/v1: hosts, networks, VMs, leases.
+"""The REST API under /api/v1: hosts, networks, VMs, leases, groups.
 
 Handlers are plain `def`, which FastAPI runs in its thread pool, since most use cases do
 blocking database and driver work; a VM create, the hot path, is a coroutine on the event
@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fastapi import APIRouter, Request, Response
+from prometheus_client import Counter
 
 from vmfabric import __version__
-from vmfabric.api.metrics import VM_CREATE_SECONDS, VM_OPERATIONS, exposition
-from vmfabric.api.schemas import AddressIn, HostIn, NetworkIn, VmIn
+from vmfabric.api.metrics import GROUP_OPERATIONS, VM_CREATE_SECONDS, VM_OPERATIONS, exposition
+from vmfabric.api.schemas import AddressIn, BlockIn, HostIn, NetworkIn, UnblockIn, VmIn
 from vmfabric.domain.model import LeaseEvent
-from vmfabric.services import hosts, leases, networks, vms
+from vmfabric.services import groups, hosts, leases, networks, vms
 from vmfabric.services.context import Controller
 from vmfabric.services.views import HostView, NetworkView, VmView
 
@@ -31,13 +32,13 @@ def _ctl(request: Request) -> Controller:
 
 
 @contextmanager
-def _counted(operation: str) -> Iterator[None]:
+def _counted(operation: str, counter: Counter = VM_OPERATIONS) -> Iterator[None]:
     try:
         yield
     except Exception:
-        VM_OPERATIONS.labels(operation, "error").inc()
+        counter.labels(operation, "error").inc()
         raise
-    VM_OPERATIONS.labels(operation, "ok").inc()
+    counter.labels(operation, "ok").inc()
 
 
 @router.get("/info")
@@ -145,6 +146,49 @@ def start_vm(request: Request, name: str) -> VmView:
     """Boot a VM."""
     with _counted("start"):
         return vms.start_vm(_ctl(request), name)
+
+
+@router.get("/groups")
+def list_groups(request: Request) -> list[groups.GroupView]:
+    """Every group (a host's VMs of one image) with its members, addresses and blocks."""
+    return groups.list_groups(_ctl(request))
+
+
+@router.get("/groups/{name}")
+def show_group(request: Request, name: str) -> groups.GroupDetail:
+    """One group with the audit trail of its blocks and its image's."""
+    return groups.show_group(_ctl(request), name)
+
+
+@router.post("/groups/{name}/block")
+def block_group(request: Request, name: str, body: BlockIn) -> groups.AuditView:
+    """Quarantine a group's VMs (DHCP and the allowed networks excepted)."""
+    asked = groups.BlockRequest(name, body.by, body.reason, body.allow)
+    with _counted("block", GROUP_OPERATIONS):
+        return groups.block(_ctl(request), asked)
+
+
+@router.post("/groups/{name}/unblock")
+def unblock_group(request: Request, name: str, body: UnblockIn) -> groups.AuditView:
+    """Lift a group's block."""
+    with _counted("unblock", GROUP_OPERATIONS):
+        return groups.unblock(_ctl(request), groups.BlockRequest(name, body.by, body.reason))
+
+
+@router.post("/images/{image}/block")
+def block_image(request: Request, image: str, body: BlockIn) -> groups.AuditView:
+    """Quarantine every VM of an image, on every host, now and later."""
+    asked = groups.BlockRequest(image, body.by, body.reason, body.allow, image=True)
+    with _counted("block", GROUP_OPERATIONS):
+        return groups.block(_ctl(request), asked)
+
+
+@router.post("/images/{image}/unblock")
+def unblock_image(request: Request, image: str, body: UnblockIn) -> groups.AuditView:
+    """Lift the block of an image."""
+    asked = groups.BlockRequest(image, body.by, body.reason, image=True)
+    with _counted("unblock", GROUP_OPERATIONS):
+        return groups.unblock(_ctl(request), asked)
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

@@ -52,3 +52,18 @@ class AddressIn(_Body):
     """Change a VM's address."""
 
     address: str
+
+
+class BlockIn(_Body):
+    """Block a group or an image: why, who asks, and what its VMs may still reach."""
+
+    reason: str
+    by: str = "api"
+    allow: list[str] = []
+
+
+class UnblockIn(_Body):
+    """Lift a block: who asks, and why."""
+
+    reason: str = ""
+    by: str = "api"

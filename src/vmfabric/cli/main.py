@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from vmfabric import config
-from vmfabric.cli import hosts, lab, networks, vms
+from vmfabric.cli import groups, hosts, lab, networks, vms
 from vmfabric.cli.output import fail
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(hosts.app, name="host")
 app.add_typer(networks.app, name="network")
 app.add_typer(vms.app, name="vm")
+app.add_typer(groups.app, name="group")
 app.add_typer(lab.app, name="lab")
 
 

@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vmfabric.domain.errors import InvalidInput
-from vmfabric.domain.names import check_name
+from vmfabric.domain.names import MAX_LABEL, check_name
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,7 +60,7 @@ BLOCKED_MARK = "vmfabric-blocked"
 REASON_PREFIX = "reason="
 """Start of the second character-string of that TXT record."""
 
-_MAX_LABEL = 63
+
 _MAX_NAME_WIRE = 255
 _MAX_TXT_STRING = 255
 _SRV_PREFIX = "0 0 0 "
@@ -397,7 +397,7 @@ def _fits(relative: str, zone: str) -> bool:
     longest = _child(f"_vms._udp.{relative}", zone)
     labels = [label for label in longest.split(".") if label]
     wire = sum(len(label) + 1 for label in labels) + 1
-    return all(len(label) <= _MAX_LABEL for label in labels) and wire <= _MAX_NAME_WIRE
+    return all(len(label) <= MAX_LABEL for label in labels) and wire <= _MAX_NAME_WIRE
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,6 +9,7 @@ import re
 
 from vmfabric.domain.errors import InvalidInput
 
+MAX_LABEL = 63
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 

@@ -169,9 +169,14 @@ def _patch_port(bridge: str, port: str, peer: str) -> list[str]:
     ]
 
 
-def add_access_port(bridge: str, port: str, vlan: int) -> None:
-    """Plug an interface into `bridge` as an access port of `vlan` (re-tagging an old one)."""
-    vsctl("--may-exist", "add-port", bridge, port, "--", "set", "port", port, f"tag={vlan}")
+def add_access_port(bridge: str, port: str, vlan: int, mac: str | None = None) -> None:
+    """Plug an interface into `bridge` as an access port of `vlan` (re-tagging an old one).
+
+    With a VM NIC's `mac`, the Interface gets `external_ids:attached-mac` as libvirt sets it on
+    the taps it plugs, so the switch driver finds a VM's port by its MAC in the lab as well.
+    """
+    marks = ["--", "set", "interface", port, f'external_ids:attached-mac="{mac}"'] if mac else []
+    vsctl("--may-exist", "add-port", bridge, port, "--", "set", "port", port, f"tag={vlan}", *marks)
 
 
 def delete_port(port: str) -> None:

@@ -46,12 +46,15 @@ def plug(
     owner: str,
     mac: str | None = None,
 ) -> None:
-    """A veth from `netns` (end `ifname`) to an access port `port` of `vlan` on `bridge`."""
+    """A veth from `netns` (end `ifname`) to an access port `port` of `vlan` on `bridge`.
+
+    A VM NIC's `mac` is both the veth end's address and the port's `attached-mac` mark.
+    """
     if not link_exists(port):
         record.remember_link(LinkRecord(name=port, peer=ifname, peer_netns=netns, owner=owner))
         add_veth(port, ifname, netns, peer_mac=mac)
     tx_checksum_off(ifname, netns)
-    ovs.add_access_port(bridge, port, vlan)
+    ovs.add_access_port(bridge, port, vlan, mac)
 
 
 def unplug(record: Record, port: str) -> None:

@@ -14,6 +14,7 @@ from vmfabric.fabric import Fabric
 from vmfabric.hypervisor import Hypervisor
 from vmfabric.store.group_commit import RETRYING, GroupCommitter
 from vmfabric.store.unit_of_work import UnitOfWork
+from vmfabric.vswitch import Vswitch
 
 T = TypeVar("T")
 
@@ -33,6 +34,10 @@ class HostAgents(Protocol):
 
     def hypervisor(self, host: HostRef) -> Hypervisor:
         """The hypervisor driver the host's agent uses."""
+        ...
+
+    def vswitch(self, host: HostRef) -> Vswitch | None:
+        """The driver of the host's switch; None for hosts without one (noop)."""
         ...
 
 

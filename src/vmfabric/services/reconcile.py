@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from vmfabric.domain.errors import Unavailable
 from vmfabric.services.context import Controller
+from vmfabric.services.groups import enforce_blocks
 from vmfabric.services.leases import sync_leases
 from vmfabric.services.networks import network_infos, provision
 from vmfabric.services.vms import recover_interrupted_creates, resume_vms
@@ -20,17 +22,25 @@ class ReconcileReport:
     undone_creates: list[str]
     networks: list[str]
     resumed_vms: list[str]
+    quarantine_rules: dict[str, int]
 
 
 def reconcile(ctl: Controller) -> ReconcileReport:
     """Undo interrupted creates, rebuild each network's gateway, DHCP and reservations, catch
-    up on the leases its DHCP server handed out meanwhile, and start VMs that should run."""
+    up on the leases its DHCP server handed out meanwhile, put the quarantine rules of
+    blocked groups back on every switch (a restarted switch has lost them), and start VMs
+    that should run."""
     undone = recover_interrupted_creates(ctl)
     networks = network_infos(ctl)
     lease_changes = 0
     for network in networks:
         provision(ctl, network)
         lease_changes += sync_leases(ctl, network.name, ctl.dhcp.leases(network.name))
+    try:
+        rules = enforce_blocks(ctl)
+    except Unavailable as error:
+        log.error("%s", error.detail)
+        rules = {}
     resumed = resume_vms(ctl)
     log.info(
         "reconciled %d networks (%d lease changes caught up), undid %d interrupted creates, "
@@ -40,4 +50,4 @@ def reconcile(ctl: Controller) -> ReconcileReport:
         len(undone),
         len(resumed),
     )
-    return ReconcileReport(undone, [n.name for n in networks], resumed)
+    return ReconcileReport(undone, [n.name for n in networks], resumed, rules)

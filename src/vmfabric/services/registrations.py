@@ -25,6 +25,7 @@ from sqlalchemy import select
 from vmfabric.coalescing import Coalescer
 from vmfabric.domain.dns_records import Registration, ZoneBuilder, ZoneChange, ZoneContent
 from vmfabric.services.context import Controller
+from vmfabric.services.groups import blocked_names
 from vmfabric.store import repository
 from vmfabric.store.tables import Subnet
 
@@ -76,6 +77,7 @@ class NamePublisher:
         self._origin = origin
         self._builder: ZoneBuilder | None = None
         self._cidrs: tuple[str, ...] = ()
+        self._blocked: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._everything = True
@@ -134,14 +136,18 @@ class NamePublisher:
         with self._ctl.uow() as uow:
             cidrs = tuple(uow.session.scalars(select(Subnet.cidr).order_by(Subnet.id)))
             found = _registrations(repository.registration_rows(uow.connection))
+            blocked = blocked_names(uow.session)
         builder = self._builder
         if builder is None or cidrs != self._cidrs:
             builder = ZoneBuilder(self._origin, cidrs)
             _apply(builder, found, ())
+            _mark(builder, blocked, {})
             builder.changes()
-            self._builder, self._cidrs = builder, cidrs
+            self._builder, self._cidrs, self._blocked = builder, cidrs, blocked
             return self._server.publish(builder.contents())
         _apply(builder, found, builder.vms() - {r.vm for r in found})
+        _mark(builder, blocked, self._blocked)
+        self._blocked = blocked
         return self._server.update(builder.changes())
 
     def _publish_vms(self, builder: ZoneBuilder, names: set[str]) -> dict[str, int]:
@@ -162,3 +168,12 @@ def _apply(builder: ZoneBuilder, found: Iterable[Registration], gone: Iterable[s
     for registration in found:
         if builder.registration(registration.vm) != registration:
             builder.put(registration)
+
+
+def _mark(builder: ZoneBuilder, blocked: dict[str, str], before: dict[str, str]) -> None:
+    """Put the blocked groups' marks into the builder; lift those no longer blocked."""
+    for group in before.keys() - blocked.keys():
+        builder.unblock(group)
+    for group, reason in blocked.items():
+        if before.get(group) != reason:
+            builder.block(group, reason)

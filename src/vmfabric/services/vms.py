@@ -23,13 +23,15 @@ import anyio
 import anyio.to_thread
 from sqlalchemy import Connection, delete, select
 
+from vmfabric.domain.dns_records import group_name
 from vmfabric.domain.errors import Conflict, Exhausted, InvalidInput, Unavailable
 from vmfabric.domain.ipam import IPAddress, eui64_address, key_value, parse_address, parse_network
 from vmfabric.domain.model import DefinedVm, Ipv6Mode, NicSpec, Reservation, VmSpec, VmState
-from vmfabric.domain.names import check_name, normalize_mac
+from vmfabric.domain.names import MAX_LABEL, check_name, normalize_mac
 from vmfabric.hypervisor import Hypervisor, HypervisorError
 from vmfabric.process_identity import owner_alive
 from vmfabric.services.context import Controller, HostRef, transaction
+from vmfabric.services.groups import enforce_blocks
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.networks import plan_of
 from vmfabric.services.views import (
@@ -89,6 +91,7 @@ class _Preset:
     host: HostRecord
     created_at: datetime
     nics: tuple[_PresetNic, ...]
+    blocked: bool
 
 
 async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
@@ -107,6 +110,8 @@ async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
         hypervisor = ctl.agents.hypervisor(host_ref(preset.host))
         try:
             nics = await _define(ctl, hypervisor, request, preset)
+            if preset.blocked:  # quarantined before its first packet
+                await anyio.to_thread.run_sync(enforce_blocks, ctl, {preset.host.name})
             _put_all(ctl, [_reservation(request.name, n) for n in nics])
             await _on_host(hypervisor, hypervisor.start, request.name)
         except BaseException:
@@ -128,6 +133,14 @@ def _check_request(request: CreateVm) -> None:
     check_name("VM", request.name)
     check_name("host", request.host)
     check_name("image", request.image)
+    group = group_name(request.host, request.image)
+    if len(group) > MAX_LABEL:
+        raise InvalidInput(
+            f"host {request.host!r} with image {request.image!r} makes group name {group!r}, "
+            f"{len(group)} characters; a DNS label has at most {MAX_LABEL}: choose a shorter "
+            "image name",
+            image=request.image,
+        )
     if not request.nics:
         raise InvalidInput("a VM needs at least one NIC (--network)")
     for nic in request.nics:
@@ -158,7 +171,8 @@ def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
         nic_id = repository.insert_nic(conn, vm_id, network.id, position)
         held = _preset_addresses(conn, network, nic_id, nic_request.address)
         nics.append(_PresetNic(nic_id, network, held))
-    return _Preset(vm_id, host, created, tuple(nics))
+    blocked = repository.is_blocked(conn, group_name(host.name, request.image), request.image)
+    return _Preset(vm_id, host, created, tuple(nics), blocked)
 
 
 def _spec(request: CreateVm, preset: _Preset) -> VmSpec:
@@ -389,10 +403,24 @@ def _hypervisor_of(ctl: Controller, name: str) -> Hypervisor:
 
 
 def delete_vm(ctl: Controller, name: str) -> None:
-    """Remove the VM from its host, then its reservations, then free its addresses."""
+    """Remove the VM from its host, then its reservations, then free its addresses (and its
+    quarantine rules, if it was blocked)."""
     hypervisor = _hypervisor_of(ctl, name)
+    blocked_on = _blocked_host(ctl, name)
     _call(hypervisor.undefine, name)
     _forget_vm(ctl, name)
+    if blocked_on is not None:
+        enforce_blocks(ctl, {blocked_on})
+
+
+def _blocked_host(ctl: Controller, name: str) -> str | None:
+    """The host of a VM under a block, whose switch holds rules for it; else None."""
+    with ctl.uow() as uow:
+        vm = repository.get_vm(uow.session, name)
+        blocked = repository.is_blocked(
+            uow.connection, group_name(vm.host.name, vm.image), vm.image
+        )
+        return vm.host.name if blocked else None
 
 
 def stop_vm(ctl: Controller, name: str) -> VmView:
@@ -407,6 +435,9 @@ def start_vm(ctl: Controller, name: str) -> VmView:
     _write_reservations(ctl, name)
     _call(_hypervisor_of(ctl, name).start, name)
     _set_state(ctl, name, VmState.RUNNING)
+    blocked_on = _blocked_host(ctl, name)
+    if blocked_on is not None:  # a libvirt port is new at each start: match it too
+        enforce_blocks(ctl, {blocked_on})
     return show_vm(ctl, name)
 
 

@@ -19,6 +19,7 @@ from vmfabric.domain.model import VmState
 from vmfabric.store.prepared import Prepared, PreparedInsert
 from vmfabric.store.tables import (
     Allocation,
+    GroupBlock,
     Host,
     Lease,
     Network,
@@ -106,6 +107,15 @@ _RUNNING_WITH_LEASES = (
 )
 _EVERY_REGISTRATION = Prepared(_RUNNING_WITH_LEASES)
 _REGISTRATION = Prepared(_RUNNING_WITH_LEASES.where(Vm.name == bindparam("vm")))
+
+_BLOCKED = Prepared(
+    select(GroupBlock.id)
+    .where(
+        ((GroupBlock.scope == "group") & (GroupBlock.target == bindparam("group")))
+        | ((GroupBlock.scope == "image") & (GroupBlock.target == bindparam("image")))
+    )
+    .limit(1)
+)
 
 _INSERT_VM = PreparedInsert(
     Vm, "name", "host_id", "image", "state", "owner", "claim_expires", "created_at"
@@ -269,3 +279,11 @@ def registration_rows(conn: Connection, vm: str | None = None) -> list[Any]:
     if vm is None:
         return _EVERY_REGISTRATION.rows(conn)
     return _REGISTRATION.rows(conn, {"vm": vm})
+
+
+def is_blocked(conn: Connection, group: str, image: str) -> bool:
+    """Whether a VM of this group (and image) is under a block of its group or its image.
+
+    Asked by every VM create, so without the ORM.
+    """
+    return _BLOCKED.scalar(conn, {"group": group, "image": image}) is not None

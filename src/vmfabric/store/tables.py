@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -166,3 +166,40 @@ class Lease(Base):
 
 
 Index("ix_leases_mac", Lease.mac)
+
+
+class GroupBlock(Base):
+    """A block in force: of one group (`scope` "group", `target` its name `<host>-<image>`)
+    or of every group of an image, on every host (`scope` "image", `target` the image)."""
+
+    __tablename__ = "group_blocks"
+    __table_args__ = (UniqueConstraint("scope", "target"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(127))
+    host: Mapped[str | None] = mapped_column(String(63))
+    image: Mapped[str] = mapped_column(String(63))
+    reason: Mapped[str] = mapped_column(String(1024))
+    allowed: Mapped[list[str]] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GroupAudit(Base):
+    """One block or unblock, kept for good: who, when, why, and which VMs it concerned."""
+
+    __tablename__ = "group_audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    action: Mapped[str] = mapped_column(String(8))
+    scope: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(127))
+    actor: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(String(1024))
+    allowed: Mapped[list[str]] = mapped_column(JSON)
+    vms: Mapped[list[str]] = mapped_column(JSON)
+
+
+Index("ix_group_audit_target", GroupAudit.scope, GroupAudit.target)

@@ -1,0 +1,370 @@
+"""The Open vSwitch driver on the lab's real switch: atomic rule sets, VM ports, quarantine.
+
+The rules are checked the way the switch sees them: `ovs-ofctl dump-flows` for what is
+installed, `ovs-appctl ofproto/trace` for what the installed rules do to a packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmfabric.domain.model import NicSpec, VmSpec
+from vmfabric.domain.quarantine import (
+    QUARANTINE_KIND,
+    QUARANTINE_MASK,
+    QuarantinedNic,
+    parse_allowed,
+    quarantine_cookie,
+    quarantine_flows,
+)
+from vmfabric.hypervisor.lab import LabHypervisor
+from vmfabric.lab.names import FABRIC_BRIDGE, host_bridge
+from vmfabric.lab.ovs import switch_access
+from vmfabric.lab.state import LabStore
+from vmfabric.lab.testing import temporary_lab
+from vmfabric.vswitch import VswitchError
+from vmfabric.vswitch.openvswitch import OpenVswitch, lab_vswitch
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+]
+
+BRIDGE = host_bridge("hv1")
+VLAN = 10
+KIND = QUARANTINE_KIND << 48
+EXACT = (1 << 64) - 1
+OTHER_RULE = "cookie=0x42, priority=5,arp actions=NORMAL"
+DEFAULT_RULE = "priority=0 actions=NORMAL"
+GATEWAY_MAC = "52:54:00:00:00:fe"
+WEB_ID = 5
+ALLOWED = parse_allowed(["10.9.0.0/24", "fd00:9::/64"])
+
+
+def ofctl(*args: str) -> str:
+    return switch_access().run("ovs-ofctl", *args)
+
+
+def vsctl(*args: str) -> str:
+    return switch_access().run("ovs-vsctl", *args)
+
+
+def installed() -> list[str]:
+    """Every rule of the bridge, as the switch's own tool prints it."""
+    dumped = ofctl("--no-stats", "dump-flows", BRIDGE)
+    return sorted(line.strip() for line in dumped.splitlines() if line.strip())
+
+
+def reset_rules() -> None:
+    """The bridge's table as a fresh bridge has it, plus a rule some other module owns."""
+    ofctl("del-flows", BRIDGE)
+    ofctl("add-flow", BRIDGE, "priority=0,actions=NORMAL")
+    ofctl("add-flow", BRIDGE, "cookie=0x42,priority=5,arp,actions=NORMAL")
+
+
+def drop_rule(vm_id: int, mac: str, table: int = 0) -> tuple[str, str]:
+    """A rule as given to replace_flows and as dump-flows prints it back."""
+    given_text = f"cookie={KIND | vm_id:#x},table={table},priority=100,dl_src={mac},actions=drop"
+    shown_table = f"table={table}, " if table else ""
+    shown = f"cookie={KIND | vm_id:#x}, {shown_table}priority=100,dl_src={mac} actions=drop"
+    return given_text, shown
+
+
+@pytest.fixture(scope="module")
+def macs() -> Iterator[dict[str, str]]:
+    """A one-host lab with two VMs on VLAN 10 of its bridge: VM name -> MAC."""
+    with temporary_lab(hosts=1):
+        hypervisor = LabHypervisor("hv1")
+        yield {
+            name: hypervisor.define(VmSpec(name, "debian12", (NicSpec("n1", BRIDGE, VLAN),))).macs[
+                0
+            ]
+            for name in ("web", "peer")
+        }
+
+
+@pytest.fixture
+def switch(macs: dict[str, str]) -> OpenVswitch:
+    reset_rules()
+    return lab_vswitch()
+
+
+def test_replace_installs_exactly_the_rules_and_leaves_other_cookies_alone(
+    switch: OpenVswitch,
+) -> None:
+    first, first_shown = drop_rule(1, "52:54:00:00:00:01")
+    second, second_shown = drop_rule(2, "52:54:00:00:00:02", table=1)
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [first, second])
+    assert switch.flows(BRIDGE, KIND, QUARANTINE_MASK) == sorted([first_shown, second_shown])
+    assert installed() == sorted([first_shown, second_shown, OTHER_RULE, DEFAULT_RULE])
+
+
+def test_a_second_replace_swaps_the_set_in_every_table(switch: OpenVswitch) -> None:
+    old = [drop_rule(1, "52:54:00:00:00:01")[0], drop_rule(2, "52:54:00:00:00:02", table=3)[0]]
+    new, new_shown = drop_rule(3, "52:54:00:00:00:03")
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, old)
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [new])
+    assert installed() == sorted([new_shown, OTHER_RULE, DEFAULT_RULE])
+
+
+def test_an_exact_cookie_replaces_one_vm_and_keeps_the_others(switch: OpenVswitch) -> None:
+    one, _ = drop_rule(1, "52:54:00:00:00:01")
+    two, two_shown = drop_rule(2, "52:54:00:00:00:02")
+    one_again, one_again_shown = drop_rule(1, "52:54:00:00:00:11")
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [one, two])
+    switch.replace_flows(BRIDGE, KIND | 1, EXACT, [one_again])
+    assert switch.flows(BRIDGE, KIND, QUARANTINE_MASK) == sorted([one_again_shown, two_shown])
+    assert switch.flows(BRIDGE, KIND | 1, EXACT) == [one_again_shown]
+
+
+def test_an_empty_replace_removes_the_set(switch: OpenVswitch) -> None:
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [drop_rule(1, "52:54:00:00:00:01")[0]])
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [])
+    assert switch.flows(BRIDGE, KIND, QUARANTINE_MASK) == []
+    assert installed() == sorted([OTHER_RULE, DEFAULT_RULE])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # refused by ovs-ofctl's parser, before the bundle is opened
+        (f"cookie={KIND | 9:#x},priority=100,dl_src=52:54:00:00:00:09,actions=bogus", "bogus"),
+        # refused by the switch inside the bundle, after its delete: the commit is abandoned
+        (
+            f"cookie={KIND | 9:#x},priority=100,dl_src=52:54:00:00:00:09,actions=group:99",
+            "OFPBAC_BAD_OUT_GROUP",
+        ),
+        # refused by the driver: without a matching cookie the rule could not be replaced
+        ("priority=100,dl_src=52:54:00:00:00:09,actions=drop", "needs a cookie"),
+        ("cookie=0x42,priority=100,dl_src=52:54:00:00:00:09,actions=drop", "needs a cookie"),
+        # refused by the driver: a second line would be a flow-mod of its own
+        (f"cookie={KIND | 9:#x},actions=drop\ndelete", "spans several lines"),
+    ],
+)
+def test_a_refused_rule_leaves_the_previous_set_in_place(
+    switch: OpenVswitch, bad: str, message: str
+) -> None:
+    before = [drop_rule(1, "52:54:00:00:00:01")[0], drop_rule(2, "52:54:00:00:00:02")[0]]
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, before)
+    rules = installed()
+    replacement = [drop_rule(3, "52:54:00:00:00:03")[0], bad, drop_rule(4, "52:54:00:00:00:04")[0]]
+    with pytest.raises(VswitchError, match=message) as caught:
+        switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, replacement)
+    assert "\n" not in str(caught.value)
+    assert installed() == rules
+
+
+def test_the_tools_messages_become_vswitch_errors(switch: OpenVswitch, tmp_path: Path) -> None:
+    with pytest.raises(VswitchError, match=r"^ovs-ofctl: vmf-nope is not a bridge or a socket$"):
+        switch.replace_flows("vmf-nope", KIND, QUARANTINE_MASK, [])
+    with pytest.raises(VswitchError, match=r"^ovs-ofctl: vmf-nope is not a bridge or a socket$"):
+        switch.flows("vmf-nope", KIND, QUARANTINE_MASK)
+    with pytest.raises(VswitchError, match=r"^ovs-vsctl: no bridge named vmf-nope$"):
+        switch.ports("vmf-nope")
+    with pytest.raises(VswitchError, match="does not fit in 64 bits"):
+        switch.flows(BRIDGE, 1 << 64, EXACT)
+    gone = OpenVswitch(env={"OVS_RUNDIR": str(tmp_path)}, db=f"unix:{tmp_path / 'db.sock'}")
+    with pytest.raises(VswitchError, match="database connection failed"):
+        gone.ports(BRIDGE)
+    with pytest.raises(VswitchError, match=f"{BRIDGE} is not a bridge or a socket"):
+        gone.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [])
+
+
+def test_ten_thousand_rules_in_one_replace(switch: OpenVswitch) -> None:
+    def rules(offset: int) -> list[str]:
+        return [
+            f"cookie={KIND | (i + 1):#x},priority=100,"
+            f"dl_src=02:{offset:02x}:00:{i >> 16:02x}:{(i >> 8) & 0xFF:02x}:{i & 0xFF:02x},"
+            "actions=drop"
+            for i in range(10_000)
+        ]
+
+    timings = []
+    for offset in (1, 2):
+        started = time.perf_counter()
+        switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, rules(offset))
+        timings.append(time.perf_counter() - started)
+    installed_now = switch.flows(BRIDGE, KIND, QUARANTINE_MASK)
+    print(f"10,000-rule replace: {timings[0]:.3f} s into an empty set, {timings[1]:.3f} s over one")
+    assert len(installed_now) == 10_000
+    assert all("dl_src=02:02:00:" in rule for rule in installed_now)
+    assert max(timings) < 3.0
+
+
+def test_ports_maps_each_vm_nic_to_its_openflow_port(
+    switch: OpenVswitch, macs: dict[str, str]
+) -> None:
+    nics = [nic for vm in LabStore().read().vms.values() for nic in vm.nics]
+    expected = {nic.mac: int(vsctl("get", "Interface", nic.port, "ofport")) for nic in nics}
+    assert set(expected) == set(macs.values())
+    assert switch.ports(BRIDGE) == expected
+    assert switch.ports(FABRIC_BRIDGE) == {}
+
+
+def test_ports_follow_vms_and_skip_unnumbered_interfaces(
+    switch: OpenVswitch, macs: dict[str, str]
+) -> None:
+    hypervisor = LabHypervisor("hv1")
+    late = hypervisor.define(VmSpec("late", "debian12", (NicSpec("n1", BRIDGE, VLAN),))).macs[0]
+    port = LabStore().read().vms["hv1/late"].nics[0].port
+    ghost_mark = 'external_ids:attached-mac="52:54:00:00:99:99"'
+    vsctl("add-port", BRIDGE, "vmfghost", "--", "set", "Interface", "vmfghost", ghost_mark)
+    try:
+        vsctl("set", "Interface", port, 'external_ids:attached-mac="52:54:00:AB:CD:EF"')
+        found = switch.ports(BRIDGE)
+        assert vsctl("get", "Interface", "vmfghost", "ofport").strip() == "-1"
+        assert "52:54:00:00:99:99" not in found
+        assert found["52:54:00:ab:cd:ef"] == int(vsctl("get", "Interface", port, "ofport"))
+    finally:
+        vsctl("--if-exists", "del-port", "vmfghost")
+        hypervisor.undefine("late")
+    assert set(switch.ports(BRIDGE)) == set(macs.values())
+    assert late not in switch.ports(BRIDGE)
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A packet for ofproto/trace; `{web}`, `{peer}` and `{gw}` stand for the MACs."""
+
+    sender: str
+    fields: str
+    forwarded: bool
+
+
+PACKETS = {
+    "DHCP discover from the VM": Packet(
+        "web",
+        "udp,dl_src={web},dl_dst=ff:ff:ff:ff:ff:ff,nw_src=0.0.0.0,nw_dst=255.255.255.255,"
+        "udp_src=68,udp_dst=67",
+        forwarded=True,
+    ),
+    "DHCPv6 solicit from the VM": Packet(
+        "web",
+        "udp6,dl_src={web},dl_dst=33:33:00:01:00:02,ipv6_src=fe80::5,ipv6_dst=ff02::1:2,"
+        "udp_src=546,udp_dst=547",
+        forwarded=True,
+    ),
+    "ARP for the gateway": Packet(
+        "web",
+        "arp,dl_src={web},dl_dst=ff:ff:ff:ff:ff:ff,arp_op=1,arp_spa=10.0.0.5,arp_tpa=10.0.0.1",
+        forwarded=True,
+    ),
+    "ping to the gateway": Packet(
+        "web",
+        "icmp,dl_src={web},dl_dst={gw},nw_src=10.0.0.5,nw_dst=10.0.0.1,icmp_type=8",
+        forwarded=False,
+    ),
+    "TCP to an allowed network": Packet(
+        "web",
+        "tcp,dl_src={web},dl_dst={gw},nw_src=10.0.0.5,nw_dst=10.9.0.7,tcp_dst=443",
+        forwarded=True,
+    ),
+    "TCP to an allowed IPv6 network": Packet(
+        "web",
+        "tcp6,dl_src={web},dl_dst={gw},ipv6_src=fd00::5,ipv6_dst=fd00:9::7,tcp_dst=443",
+        forwarded=True,
+    ),
+    "TCP to another network": Packet(
+        "web",
+        "tcp,dl_src={web},dl_dst={gw},nw_src=10.0.0.5,nw_dst=10.8.0.7,tcp_dst=443",
+        forwarded=False,
+    ),
+    "DHCP offer sent by the VM": Packet(
+        "web",
+        "udp,dl_src={web},dl_dst=ff:ff:ff:ff:ff:ff,nw_src=10.0.0.5,nw_dst=255.255.255.255,"
+        "udp_src=67,udp_dst=68",
+        forwarded=False,
+    ),
+    "a forged source MAC from the VM's port": Packet(
+        "web",
+        "tcp,dl_src=02:00:00:00:00:66,dl_dst={gw},nw_src=10.0.0.5,nw_dst=10.8.0.7,tcp_dst=443",
+        forwarded=False,
+    ),
+    "ping to the VM": Packet(
+        "peer",
+        "icmp,dl_src={peer},dl_dst={web},nw_src=10.0.0.6,nw_dst=10.0.0.5,icmp_type=8",
+        forwarded=False,
+    ),
+    "DHCP offer to the VM": Packet(
+        "peer",
+        "udp,dl_src={peer},dl_dst={web},nw_src=10.0.0.2,nw_dst=10.0.0.5,udp_src=67,udp_dst=68",
+        forwarded=True,
+    ),
+    "TCP from an allowed network to the VM": Packet(
+        "peer",
+        "tcp,dl_src={peer},dl_dst={web},nw_src=10.9.0.7,nw_dst=10.0.0.5,tcp_src=443",
+        forwarded=True,
+    ),
+}
+
+
+def trace(in_port: int, fields: str) -> tuple[bool, str]:
+    """Whether the switch forwards the packet (its datapath actions are not `drop`), and why."""
+    output = switch_access().run(
+        "ovs-appctl", "ofproto/trace", BRIDGE, f"in_port={in_port},{fields}"
+    )
+    actions = [line for line in output.splitlines() if line.startswith("Datapath actions:")]
+    return actions[-1].removeprefix("Datapath actions:").strip() != "drop", output
+
+
+def quarantine_web(switch: OpenVswitch, macs: dict[str, str], allowed: tuple[str, ...]) -> None:
+    nic = QuarantinedNic(WEB_ID, macs["web"], switch.ports(BRIDGE)[macs["web"]])
+    switch.replace_flows(BRIDGE, quarantine_cookie(WEB_ID), EXACT, quarantine_flows(nic, allowed))
+
+
+@pytest.mark.parametrize("name", PACKETS)
+def test_quarantine_rules_on_the_switch(
+    switch: OpenVswitch, macs: dict[str, str], name: str
+) -> None:
+    packet = PACKETS[name]
+    quarantine_web(switch, macs, ALLOWED)
+    fields = packet.fields.format(web=macs["web"], peer=macs["peer"], gw=GATEWAY_MAC)
+    forwarded, why = trace(switch.ports(BRIDGE)[macs[packet.sender]], fields)
+    assert forwarded == packet.forwarded, why
+    assert f"cookie {quarantine_cookie(WEB_ID):#x}" in why, "not decided by a quarantine rule"
+
+
+def test_quarantine_leaves_other_vms_alone(switch: OpenVswitch, macs: dict[str, str]) -> None:
+    quarantine_web(switch, macs, ())
+    forwarded, why = trace(
+        switch.ports(BRIDGE)[macs["peer"]],
+        f"icmp,dl_src={macs['peer']},dl_dst={GATEWAY_MAC},nw_src=10.0.0.6,nw_dst=10.0.0.1",
+    )
+    assert forwarded, why
+    assert "cookie 0xb1" not in why
+
+
+@st.composite
+def destinations(draw: st.DrawFn) -> tuple[str, str]:
+    """An allowed IPv4 network and an address inside it or anywhere."""
+    network = ipaddress.ip_network(
+        f"{draw(st.ip_addresses(v=4))}/{draw(st.integers(8, 32))}", strict=False
+    )
+    inside = network[draw(st.integers(0, network.num_addresses - 1))]
+    return str(network), str(draw(st.sampled_from([inside, draw(st.ip_addresses(v=4))])))
+
+
+@settings(max_examples=12, deadline=None)
+@given(destinations())
+def test_a_quarantined_vm_reaches_exactly_its_allowed_network(
+    macs: dict[str, str], case: tuple[str, str]
+) -> None:
+    network, destination = case
+    switch = lab_vswitch()
+    reset_rules()
+    quarantine_web(switch, macs, parse_allowed([network]))
+    forwarded, why = trace(
+        switch.ports(BRIDGE)[macs["web"]],
+        f"udp,dl_src={macs['web']},dl_dst={GATEWAY_MAC},nw_src=10.0.0.5,nw_dst={destination},"
+        "udp_dst=53",
+    )
+    assert forwarded == (ipaddress.ip_address(destination) in ipaddress.ip_network(network)), why
