@@ -25,6 +25,12 @@ def api_url() -> str:
     return os.environ.get("VMFABRIC_URL", DEFAULT_URL).rstrip("/")
 
 
+def dns_listen() -> str:
+    """Where `serve` answers DNS unless told otherwise (`VMFABRIC_DNS_LISTEN`, HOST:PORT or
+    `off`): lets a lab or a test run its controller's DNS server on a port of its own."""
+    return os.environ.get("VMFABRIC_DNS_LISTEN", DEFAULT_DNS_LISTEN)
+
+
 def api_token() -> str | None:
     """Bearer token sent by the CLI, when the operator set one."""
     return os.environ.get("VMFABRIC_TOKEN") or None

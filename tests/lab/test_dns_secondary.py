@@ -24,6 +24,7 @@ import pytest
 
 from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.dns_records import Registration, ZoneContent, forward_zone, reverse_zones
+from vmfabric.lab.testing import dig_short
 
 pytestmark = pytest.mark.lab
 
@@ -149,19 +150,8 @@ FIRST = [
 ]
 
 
-def ask(port: int, *args: str) -> set[str]:
-    result = subprocess.run(
-        ["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=1", "+tries=1", *args],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    return {line for line in result.stdout.splitlines() if line and not line.startswith(";")}
-
-
 def serial(port: int, zone: str = ZONE) -> int | None:
-    found = ask(port, zone, "SOA")
+    found = dig_short(port, zone, "SOA")
     return int(next(iter(found)).split()[2]) if found else None
 
 
@@ -182,26 +172,26 @@ def test_bind_secondary_follows_through_notify_and_ixfr(
     first = serial(primary.port)
     wait_for(lambda: serial(secondary.port) == first, 15)  # initial transfer, at start-up
     wait_for(lambda: serial(secondary.port, REVERSE) == serial(primary.port, REVERSE), 15)
-    assert ask(secondary.port, "hv1-debian12.vmfabric.test") == {"10.0.0.10", "10.0.0.11"}
-    assert ask(secondary.port, "-x", "10.0.0.12") == {"vm-c.vmfabric.test."}
+    assert dig_short(secondary.port, "hv1-debian12.vmfabric.test") == {"10.0.0.10", "10.0.0.11"}
+    assert dig_short(secondary.port, "-x", "10.0.0.12") == {"vm-c.vmfabric.test."}
 
     # a VM boots: the secondary serves it within two seconds of the publish
     second = [*FIRST, Registration("vm-d", "hv1", "debian12", ("10.0.0.13",))]
     new_serial = primary.publish(zones(second))[ZONE]
-    took = wait_for(lambda: ask(secondary.port, "vm-d.vmfabric.test") == {"10.0.0.13"}, 2)
+    took = wait_for(lambda: dig_short(secondary.port, "vm-d.vmfabric.test") == {"10.0.0.13"}, 2)
     assert serial(secondary.port) == new_serial
-    assert ask(secondary.port, "hv1-debian12.vmfabric.test") == {
+    assert dig_short(secondary.port, "hv1-debian12.vmfabric.test") == {
         "10.0.0.10",
         "10.0.0.11",
         "10.0.0.13",
     }
-    wait_for(lambda: ask(secondary.port, "-x", "10.0.0.13") == {"vm-d.vmfabric.test."}, 2)
+    wait_for(lambda: dig_short(secondary.port, "-x", "10.0.0.13") == {"vm-d.vmfabric.test."}, 2)
 
     # a VM goes away: gone from its name and its group on the secondary too
     third = [r for r in second if r.vm != "vm-b"]
     primary.publish(zones(third))
-    wait_for(lambda: ask(secondary.port, "vm-b.vmfabric.test") == set(), 2)
-    assert ask(secondary.port, "hv1-debian12.vmfabric.test") == {"10.0.0.10", "10.0.0.13"}
+    wait_for(lambda: dig_short(secondary.port, "vm-b.vmfabric.test") == set(), 2)
+    assert dig_short(secondary.port, "hv1-debian12.vmfabric.test") == {"10.0.0.10", "10.0.0.13"}
 
     # named's own account: AXFR for the first copy, IXFR afterwards, all signed
     log = secondary.log.read_text()

@@ -41,12 +41,14 @@ def serve(
         typer.Option("--cpu", help="Keep the controller on this CPU (e.g. one VMs do not use)."),
     ] = None,
     dns_listen: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--dns-listen",
-            help="Address HOST:PORT of the DNS server of VM and group names, or 'off'.",
+            help="Address HOST:PORT of the DNS server of VM and group names, or 'off' "
+            "(default: $VMFABRIC_DNS_LISTEN, else 127.0.0.1:5353).",
+            show_default=False,
         ),
-    ] = config.DEFAULT_DNS_LISTEN,
+    ] = None,
     zone: Annotated[
         str, typer.Option("--zone", help="DNS zone of VM and group names.")
     ] = config.DEFAULT_ZONE,
@@ -56,7 +58,8 @@ def serve(
     from vmfabric.api.server import serve as run_server
 
     host, port = _address("--listen", listen)
-    dns = None if dns_listen == "off" else _ip_address("--dns-listen", dns_listen)
+    dns_text = dns_listen or config.dns_listen()
+    dns = None if dns_text == "off" else _ip_address("--dns-listen", dns_text)
     if dns is not None:
         _require_free(dns)
     if cpu is not None:

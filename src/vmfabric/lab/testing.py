@@ -132,6 +132,19 @@ def wait_for_ipv4(vm: str, timeout: float = 10.0, ifname: str = "eth0") -> str |
     return vm_ipv4(vm, ifname)
 
 
+def dig_short(port: int, *query: str) -> set[str]:
+    """The answer lines of `dig +short` asking 127.0.0.1:`port` (once, waiting up to a
+    second); dig's own comments (such as a timeout) are left out."""
+    done = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=1", "+tries=1", *query],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return {line for line in done.stdout.splitlines() if line and not line.startswith(";")}
+
+
 def pings(vm: str, address: str) -> bool:
     """Whether one ping from the VM to `address` is answered within a second."""
     done = lifecycle.run_in_vm(vm, ["busybox", "ping", "-c", "1", "-W", "1", address])
