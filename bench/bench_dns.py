@@ -105,13 +105,24 @@ def pinned(cpu: int) -> None:
 
 
 def start_bind(
-    root: Path, port: int, cpu: int, contents: Sequence[ZoneContent]
+    root: Path,
+    port: int,
+    cpu: int,
+    contents: Sequence[ZoneContent],
+    *,
+    conf: str = "",
+    zone_options: str = "",
 ) -> subprocess.Popen[bytes]:
-    """`named -n 1` on `port`, pinned to `cpu`, primary of the zones; ready when it answers."""
+    """`named -n 1` on `port`, pinned to `cpu`, primary of the zones; ready when it answers.
+
+    `conf` is added to named.conf (a key), `zone_options` to every zone (`allow-update`).
+    """
     zone_blocks = []
     for index, zone in enumerate(contents):
         (root / f"zone{index}.db").write_text(zone_file(zone))
-        zone_blocks.append(f'zone "{zone.origin}" {{ type primary; file "zone{index}.db"; }};')
+        zone_blocks.append(
+            f'zone "{zone.origin}" {{ type primary; file "zone{index}.db"; {zone_options} }};'
+        )
     (root / "named.conf").write_text(
         f"""
 options {{
@@ -130,6 +141,7 @@ options {{
 }};
 controls {{ }};
 logging {{ category default {{ null; }}; }};
+{conf}
 {chr(10).join(zone_blocks)}
 """
     )
@@ -139,7 +151,11 @@ logging {{ category default {{ null; }}; }};
         stdout=subprocess.DEVNULL,
         stderr=(root / "named.err").open("wb"),
     )
-    wait_answering(port, process)
+    try:
+        wait_answering(port, process)
+    except RuntimeError:
+        stop(process)
+        raise
     return process
 
 
@@ -161,13 +177,13 @@ def wait_answering(port: int, process: subprocess.Popen[bytes]) -> None:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         answer = subprocess.run(
-            ["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=1", "+tries=1", f"vm0.{ZONE}"],
+            ["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=1", "+tries=1", ZONE, "SOA"],
             capture_output=True,
             text=True,
             check=False,
         )
         if [line for line in answer.stdout.splitlines() if line and not line.startswith(";")]:
-            return  # an address, not dig's ";; connection timed out"
+            return  # the SOA, not dig's ";; connection timed out"
         time.sleep(0.1)
     raise RuntimeError("server did not answer")
 
