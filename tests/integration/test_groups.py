@@ -140,11 +140,12 @@ def test_block_quarantines_the_groups_vms_on_their_host_and_is_audited(
     assert response.status_code == 200, response.text
     assert quarantined(switch, "br-hv1") == set()
     trail = api.get("/api/v1/groups/hv1-debian12").json()["audit"]
-    assert [(e["action"], e["by"], e["reason"], e["vms"]) for e in trail] == [
-        ("block", "alice", "worm found", ["a1", "a2"]),
-        ("unblock", "bob", "cleaned", ["a1", "a2"]),
+    assert [(e["action"], e["by"], e["reason"], e["vms"], e["groups"]) for e in trail] == [
+        ("block", "alice", "worm found", ["a1", "a2"], ["hv1-debian12"]),
+        ("unblock", "bob", "cleaned", ["a1", "a2"], ["hv1-debian12"]),
     ]
     assert trail[0]["at"] <= trail[1]["at"]
+    assert trail[0]["at"].endswith("Z") or trail[0]["at"].endswith("+00:00")  # UTC, said so
 
 
 def test_vm_created_into_a_blocked_group_is_quarantined_and_deleted_ones_leave(

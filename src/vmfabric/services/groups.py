@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import delete, select
@@ -35,6 +35,7 @@ from vmfabric.domain.quarantine import (
 )
 from vmfabric.services.context import Controller, transaction
 from vmfabric.services.hosts import host_ref
+from vmfabric.services.views import as_utc
 from vmfabric.store import repository
 from vmfabric.store.tables import GroupAudit, GroupBlock, Host, Nic, Vm
 from vmfabric.store.unit_of_work import UnitOfWork
@@ -84,7 +85,7 @@ class AuditView:
     reason: str
     allowed: list[str]
     vms: list[str]
-    groups: list[str] = field(default_factory=list)
+    groups: list[str]
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,12 @@ def _blocks(session: Session) -> list[_Block]:
             row.host,
             row.image,
             BlockView(
-                row.scope, row.target, row.reason, list(row.allowed), row.actor, row.created_at
+                row.scope,
+                row.target,
+                row.reason,
+                list(row.allowed),
+                row.actor,
+                as_utc(row.created_at),
             ),
         )
         for row in session.scalars(select(GroupBlock).order_by(GroupBlock.id))
@@ -504,15 +510,16 @@ def _audit(
         reason=reason,
         allowed=allowed,
         vms=target.vms,
+        groups=target.groups,
     )
     session.add(entry)
     session.flush()
-    return replace(_audit_view(entry), groups=target.groups)
+    return _audit_view(entry)
 
 
 def _audit_view(entry: GroupAudit) -> AuditView:
     return AuditView(
-        at=entry.at,
+        at=as_utc(entry.at),
         action=entry.action,
         scope=entry.scope,
         target=entry.target,
@@ -520,4 +527,5 @@ def _audit_view(entry: GroupAudit) -> AuditView:
         reason=entry.reason,
         allowed=list(entry.allowed),
         vms=list(entry.vms),
+        groups=list(entry.groups),
     )

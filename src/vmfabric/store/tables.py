@@ -200,6 +200,7 @@ class GroupAudit(Base):
     reason: Mapped[str] = mapped_column(String(1024))
     allowed: Mapped[list[str]] = mapped_column(JSON)
     vms: Mapped[list[str]] = mapped_column(JSON)
+    groups: Mapped[list[str]] = mapped_column(JSON)
 
 
 Index("ix_group_audit_target", GroupAudit.scope, GroupAudit.target)

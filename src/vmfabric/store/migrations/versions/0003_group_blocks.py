@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(length=1024), nullable=False),
         sa.Column("allowed", sa.JSON(), nullable=False),
         sa.Column("vms", sa.JSON(), nullable=False),
+        sa.Column("groups", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_group_audit_target", "group_audit", ["scope", "target"])
