@@ -9,17 +9,21 @@ system `named` is left alone.
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from vmfabric.dns.server import DnsServer, ServerThread
@@ -128,19 +132,27 @@ def primary_and_secondary(
         notify=[("127.0.0.1", secondary_port)],
     )
     server.publish(zones(FIRST))
-    with ServerThread(server) as running:
-        conf = tmp_path / "named.conf"
-        conf.write_text(named_conf(tmp_path, secondary_port, running.port))
-        os.chmod(tmp_path, 0o777)  # named may switch to the bind user for its files
-        output = (tmp_path / "named.out").open("wb")
+    with (
+        ServerThread(server) as running,
+        secondary_of(tmp_path, secondary_port, running.port) as ns,
+    ):
+        yield running, ns
+
+
+@contextlib.contextmanager
+def secondary_of(root: Path, port: int, primary_port: int) -> Iterator[Secondary]:
+    """A BIND secondary on `port` of the zones of the primary on `primary_port`."""
+    conf = root / "named.conf"
+    conf.write_text(named_conf(root, port, primary_port))
+    os.chmod(root, 0o777)  # named may switch to the bind user for its files
+    with (root / "named.out").open("wb") as output:
         process = subprocess.Popen(
             [NAMED, "-f", "-n", "1", "-c", str(conf)], stdout=output, stderr=output
         )
         try:
-            yield running, Secondary(secondary_port, tmp_path / "named.log", process)
+            yield Secondary(port, root / "named.log", process)
         finally:
             stop_named(process)
-            output.close()
 
 
 FIRST = [
@@ -241,3 +253,71 @@ def test_transfer_without_the_key_is_refused_to_a_misconfigured_secondary(
             assert serial(port) is None  # nothing transferred, nothing served
         finally:
             stop_named(process)
+
+
+def test_bind_secondary_of_serve_follows_a_lease_within_two_seconds(tmp_path: Path) -> None:
+    """The whole chain: `serve` with a TSIG key file and a secondary; a lease event (as the
+    dnsmasq hook sends it) reaches the secondary through NOTIFY and IXFR."""
+    if not os.access(NAMED, os.X_OK):
+        pytest.skip("needs BIND 9's named (Debian package bind9)")
+    key_file = tmp_path / "xfr.key"
+    key_file.write_text(f'key "xfr-key" {{\n\talgorithm hmac-sha256;\n\tsecret "{SECRET}";\n}};\n')
+    api_port, dns_port, secondary_port = free_port(), free_port(), free_port()
+    state = tmp_path / "state"
+    options = [
+        *("--listen", f"127.0.0.1:{api_port}", "--dns-listen", f"127.0.0.1:{dns_port}"),
+        *("--dns-secondary", f"127.0.0.1:{secondary_port}", "--dns-tsig-key-file", str(key_file)),
+    ]
+    with (tmp_path / "serve.log").open("wb") as log:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "vmfabric.cli.main", "serve", *options],
+            env={**os.environ, "VMFABRIC_STATE": str(state)},
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}/api/v1", timeout=30)
+            wait_for(lambda: _answers(api), 30)
+            api.post("/hosts", json={"name": "hv1", "driver": "noop", "bridge": "br0"})
+            api.post("/networks", json={"name": "net1", "cidrs": ["10.0.0.0/24"]})
+            body = {
+                "name": "vm-a",
+                "host": "hv1",
+                "image": "debian12",
+                "nics": [{"network": "net1"}],
+            }
+            nic = api.post("/vms", json=body).json()["nics"][0]
+            root = tmp_path / "named"
+            root.mkdir()
+            with secondary_of(root, secondary_port, dns_port) as secondary:
+                wait_for(lambda: serial(secondary.port) == serial(dns_port), 15)
+                wait_for(lambda: serial(secondary.port, REVERSE) == serial(dns_port, REVERSE), 15)
+                event = {"network": "net1", "action": "add", "mac": nic["mac"]}
+                event |= {"address": nic["ipv4"], "hostname": "vm-a", "expires": None}
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as hook:
+                    hook.sendto(
+                        json.dumps(event).encode(), str(state / "run" / "lease-events.sock")
+                    )
+                took = wait_for(
+                    lambda: dig_short(secondary.port, "vm-a.vmfabric.test") == {nic["ipv4"]}, 2
+                )
+                wait_for(
+                    lambda: dig_short(secondary.port, "-x", nic["ipv4"]) == {"vm-a.vmfabric.test."},
+                    2,
+                )
+                named_log = secondary.log.read_text()
+        finally:
+            controller.terminate()
+            controller.wait(timeout=30)
+    requests = [line for line in named_log.splitlines() if "zone vmfabric.test/IN:" in line]
+    asked = [line for line in requests if "requesting" in line]
+    assert "AXFR" in asked[0] and asked[1:] and all("IXFR" in line for line in asked[1:])
+    assert "TSIG 'xfr-key'" in named_log
+    assert took < 2
+
+
+def _answers(api: httpx.Client) -> bool:
+    try:
+        return api.get("/info").status_code == 200
+    except httpx.TransportError:
+        return False

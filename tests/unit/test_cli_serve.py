@@ -18,6 +18,8 @@ import pytest
         (["--listen", "8750"], "error: invalid --listen '8750': expected HOST:PORT"),
         (["--dns-listen", "localhost:53"], "error: invalid --dns-listen 'localhost:53': 'local"),
         (["--dns-listen", "127.0.0.1:70000"], "error: invalid --dns-listen '127.0.0.1:70000'"),
+        (["--dns-secondary", "ns2:53"], "error: invalid --dns-secondary 'ns2:53'"),
+        (["--dns-tsig-key-file", "/nonexistent"], "error: invalid --dns-tsig-key-file '/none"),
     ],
 )
 def test_bad_serve_options_exit_2_with_one_line(

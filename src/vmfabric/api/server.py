@@ -16,6 +16,7 @@ from vmfabric.api.app import create_app
 from vmfabric.api.metrics import LEASE_EVENTS
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
+from vmfabric.dns.keyfile import TsigKey
 from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.dns_records import absolute
 from vmfabric.domain.model import LeaseEvent
@@ -42,6 +43,8 @@ class ServeOptions:
     token: str | None = None
     dns_listen: tuple[str, int] | None = None
     zone: str = config.DEFAULT_ZONE
+    dns_secondaries: tuple[tuple[str, int], ...] = ()
+    dns_key: TsigKey | None = None
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -100,7 +103,14 @@ def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] |
     if options.dns_listen is None:
         return None
     nameserver = f"ns.{absolute(options.zone)}"  # the reverse zones' name server too
-    server = DnsServer(options.dns_listen, nameserver=nameserver)
+    key = options.dns_key
+    server = DnsServer(
+        options.dns_listen,
+        nameserver=nameserver,
+        tsig_keys={key.name: (key.algorithm, key.secret)} if key else {},
+        transfer_key=key.name if key else None,
+        notify=options.dns_secondaries,
+    )
     running = ServerThread(server, loop_factory=uvloop.new_event_loop)
     running.start()
     publisher = NamePublisher(ctl, server, options.zone)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vmfabric import config
 from vmfabric.cli import groups, hosts, lab, networks, vms
 from vmfabric.cli.output import fail
+
+if TYPE_CHECKING:
+    from vmfabric.dns.keyfile import TsigKey
 
 app = typer.Typer(
     help="vmfabric: the network control plane of a KVM/libvirt cloud.",
@@ -52,6 +56,21 @@ def serve(
     zone: Annotated[
         str, typer.Option("--zone", help="DNS zone of VM and group names.")
     ] = config.DEFAULT_ZONE,
+    dns_secondary: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dns-secondary",
+            help="A secondary DNS server HOST:PORT told of every new serial (NOTIFY); repeatable.",
+        ),
+    ] = None,
+    dns_tsig_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--dns-tsig-key-file",
+            help="TSIG key (a file `tsig-keygen NAME` wrote) that zone transfers must be "
+            "signed with; NOTIFY is signed with it too.",
+        ),
+    ] = None,
 ) -> None:
     """Run the controller (API, DHCP supervision, host agents in-process)."""
     from vmfabric.api.server import ServeOptions
@@ -60,6 +79,8 @@ def serve(
     host, port = _address("--listen", listen)
     dns_text = dns_listen or config.dns_listen()
     dns = None if dns_text == "off" else _ip_address("--dns-listen", dns_text)
+    secondaries = tuple(_ip_address("--dns-secondary", s) for s in dns_secondary or [])
+    key = _tsig_key(dns_tsig_key_file) if dns_tsig_key_file is not None else None
     if dns is not None:
         _require_free(dns)
     if cpu is not None:
@@ -76,6 +97,8 @@ def serve(
             token=config.api_token(),
             dns_listen=dns,
             zone=zone,
+            dns_secondaries=secondaries,
+            dns_key=key,
         )
     )
 
@@ -88,6 +111,18 @@ def _ip_address(option: str, text: str) -> tuple[str, int]:
     except ValueError:
         fail(f"invalid {option} {text!r}: {host!r} is not an IP address", 2)
     return host, port
+
+
+def _tsig_key(path: Path) -> TsigKey:
+    """The key of `--dns-tsig-key-file`, or exit 2 saying what is wrong with the file."""
+    from vmfabric.dns.keyfile import read_key_file
+
+    try:
+        return read_key_file(path)
+    except OSError as error:
+        fail(f"invalid --dns-tsig-key-file {str(path)!r}: {error.strerror or error}", 2)
+    except ValueError as error:
+        fail(f"invalid --dns-tsig-key-file: {error}", 2)
 
 
 def _require_free(address: tuple[str, int]) -> None:
