@@ -11,6 +11,18 @@ from pathlib import Path
 import pytest
 
 
+def serve(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
+    """`vmfabric serve ARGS` on a state directory of its own, which must end at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "vmfabric.cli.main", "serve", *args],
+        env={**os.environ, "VMFABRIC_STATE": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -25,14 +37,7 @@ import pytest
 def test_bad_serve_options_exit_2_with_one_line(
     args: list[str], message: str, tmp_path: Path
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "vmfabric.cli.main", "serve", *args],
-        env={**os.environ, "VMFABRIC_STATE": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = serve(args, tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith(message)
     assert len(done.stderr.strip().splitlines()) == 1
@@ -43,21 +48,7 @@ def test_dns_address_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vmfabric.cli.main",
-                "serve",
-                "--dns-listen",
-                f"127.0.0.1:{port}",
-            ],
-            env={**os.environ, "VMFABRIC_STATE": str(tmp_path)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = serve(["--dns-listen", f"127.0.0.1:{port}"], tmp_path)
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: cannot serve DNS on 127.0.0.1:{port}: ")
     assert "--dns-listen off" in done.stderr

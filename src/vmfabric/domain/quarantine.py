@@ -82,31 +82,43 @@ def quarantine_flows(nic: QuarantinedNic, allowed: Sequence[str] = ()) -> list[s
     cookie = f"cookie={quarantine_cookie(nic.vm_id):#018x}"
     mac = normalize_mac(nic.mac)
     sent = [f"dl_src={mac}"] + ([f"in_port={nic.ofport}"] if nic.ofport is not None else [])
-    received = f"dl_dst={mac}"
     networks = [ipaddress.ip_network(text) for text in allowed]
-    flows: list[str] = []
+    flows = [flow for source in sent for flow in _one_way(cookie, source, _SENT, networks)]
+    return flows + _one_way(cookie, f"dl_dst={mac}", _RECEIVED, networks)
 
-    def allow(match: str) -> None:
-        flows.append(f"{cookie},priority={ALLOW_PRIORITY},{match},actions={PASS}")
 
-    for source in sent:
-        allow(f"{source},udp,tp_src=68,tp_dst=67")
-        allow(f"{source},udp6,tp_src=546,tp_dst=547")
-        for network in networks:
-            field = "nw_dst" if network.version == 4 else "ipv6_dst"
-            allow(f"{source},{'ip' if network.version == 4 else 'ipv6'},{field}={network}")
-        for neighbours in _neighbour_discovery(networks):
-            allow(f"{source},{neighbours}")
-        flows.append(f"{cookie},priority={DROP_PRIORITY},{source},actions=drop")
-    allow(f"{received},udp,tp_src=67,tp_dst=68")
-    allow(f"{received},udp6,tp_src=547,tp_dst=546")
-    for network in networks:
-        field = "nw_src" if network.version == 4 else "ipv6_src"
-        allow(f"{received},{'ip' if network.version == 4 else 'ipv6'},{field}={network}")
-    for neighbours in _neighbour_discovery(networks):
-        allow(f"{received},{neighbours}")
-    flows.append(f"{cookie},priority={DROP_PRIORITY},{received},actions=drop")
-    return flows
+@dataclass(frozen=True)
+class _Way:
+    """What tells the allowed traffic of one direction: DHCP as a client, the peer's field."""
+
+    dhcp: tuple[str, ...]
+    peer_v4: str
+    peer_v6: str
+
+
+_SENT = _Way(("udp,tp_src=68,tp_dst=67", "udp6,tp_src=546,tp_dst=547"), "nw_dst", "ipv6_dst")
+_RECEIVED = _Way(("udp,tp_src=67,tp_dst=68", "udp6,tp_src=547,tp_dst=546"), "nw_src", "ipv6_src")
+
+
+def _one_way(
+    cookie: str,
+    match: str,
+    way: _Way,
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> list[str]:
+    """The rules of one direction: allowed traffic passes, everything else matching drops."""
+    allowed = [
+        *way.dhcp,
+        *(
+            f"ip,{way.peer_v4}={network}"
+            if network.version == 4
+            else f"ipv6,{way.peer_v6}={network}"
+            for network in networks
+        ),
+        *_neighbour_discovery(networks),
+    ]
+    rules = [f"{cookie},priority={ALLOW_PRIORITY},{match},{m},actions={PASS}" for m in allowed]
+    return [*rules, f"{cookie},priority={DROP_PRIORITY},{match},actions=drop"]
 
 
 def _neighbour_discovery(
