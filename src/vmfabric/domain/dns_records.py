@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vmfabric.domain.errors import InvalidInput
-from vmfabric.domain.names import MAX_LABEL, check_name
+from vmfabric.domain.names import MAX_LABEL, check_name, is_label
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -236,7 +236,7 @@ class ZoneBuilder:
         """Mark a group blocked in DNS (its TXT record); a key that is not a group name is
         left out."""
         facts: frozenset[_Fact] = frozenset()
-        if _is_label(group) and _fits(group, self.origin):
+        if is_label(group) and _fits(group, self.origin):
             owner = _child(group, self.origin)
             facts = frozenset({(self.origin, owner, "TXT", blocked_txt(reason))})
         self._contribute(("block", group), facts)
@@ -377,14 +377,6 @@ def _network(text: str) -> IPNetwork:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise InvalidInput(f"invalid network {text!r}: expected a CIDR like 10.0.0.0/24") from None
-
-
-def _is_label(text: str) -> bool:
-    try:
-        check_name("group", text)
-    except InvalidInput:
-        return False
-    return True
 
 
 def _child(relative: str, zone: str) -> str:

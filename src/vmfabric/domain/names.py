@@ -23,6 +23,11 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+def is_label(text: str) -> bool:
+    """Whether `text` may be a name (a DNS label)."""
+    return _LABEL.match(text) is not None
+
+
 def normalize_mac(mac: str) -> str:
     """Lower-case colon form, so a MAC compares equal however the hypervisor spelled it."""
     parts = re.split(r"[:-]", mac.strip())

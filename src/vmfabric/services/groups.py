@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from vmfabric.domain.dns_records import group_name
 from vmfabric.domain.errors import Conflict, InvalidInput, NotFound, Unavailable
-from vmfabric.domain.names import check_name
+from vmfabric.domain.names import check_name, is_label
 from vmfabric.domain.quarantine import (
     QUARANTINE_KIND,
     QUARANTINE_MASK,
@@ -361,7 +361,7 @@ def _resolve(session: Session, name: str) -> tuple[str, str]:
     candidates = [
         (host, text[len(host) + 1 :])
         for host in hosts
-        if text.startswith(f"{host}-") and _is_label(text[len(host) + 1 :])
+        if text.startswith(f"{host}-") and is_label(text[len(host) + 1 :])
     ]
     groups = _groups(session)
     blocked = {
@@ -381,14 +381,6 @@ def _resolve(session: Session, name: str) -> tuple[str, str]:
         "image; `vmfabric group list` shows them",
         group=name,
     )
-
-
-def _is_label(text: str) -> bool:
-    try:
-        check_name("image", text)
-    except InvalidInput:
-        return False
-    return True
 
 
 def _reason(text: str, *, required: bool) -> str:
