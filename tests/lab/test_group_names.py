@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from vmfabric.api.server import GUEST_SWEEP_S
 from vmfabric.cli.client import ApiClient
 from vmfabric.domain.quarantine import QUARANTINE_KIND, QUARANTINE_MASK
 from vmfabric.lab import lifecycle
@@ -162,3 +163,19 @@ def test_blocked_groups_lose_their_gateway_until_unblocked_and_after_restarts(
     assert shown["blocked"] and [e["action"] for e in shown["audit"]] == ["block"]
     api.post("/images/debian12/unblock", {"by": "test"})
     assert all(pings(vm, GATEWAY) for vm in ("web1", "web3", "web4"))
+
+
+def test_addresses_a_guest_sets_itself_are_registered_through_its_agent(
+    cloud: tuple[ApiClient, int],
+) -> None:
+    _api, dns = cloud
+    static = "10.64.0.200"
+    added = lifecycle.run_in_vm("web1", ["ip", "addr", "add", f"{static}/24", "dev", "eth0"])
+    assert added.returncode == 0, added.stderr
+    sweep = GUEST_SWEEP_S + 5
+    within(sweep, lambda: static in names(dns, f"web1.{ZONE}"))
+    assert static in names(dns, f"hv1-debian12.{ZONE}")
+    assert dig_short(dns, "-x", static) == {f"web1.{ZONE}."}
+    lifecycle.run_in_vm("web1", ["ip", "addr", "del", f"{static}/24", "dev", "eth0"])
+    within(sweep, lambda: static not in names(dns, f"web1.{ZONE}"))
+    assert len(names(dns, f"web1.{ZONE}")) == 1  # its DHCP address stays

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
 from vmfabric.services.context import Controller
+from vmfabric.services.guest_addresses import sweep_guest_addresses
 from vmfabric.services.leases import record_lease_event
 from vmfabric.services.reconcile import reconcile
 from vmfabric.services.registrations import NamePublisher
@@ -30,6 +32,9 @@ from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
+
+GUEST_SWEEP_S = 10.0
+"""How often the guest agents are asked for the addresses guests configured themselves."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ def build_app(options: ServeOptions) -> FastAPI:
 
 
 def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable[[], None]]:
-    """The lease listener and the DNS server, started with the app and stopped after it."""
+    """The lease listener, the DNS server and the sweep of guest addresses, started with the
+    app and stopped after it."""
 
     def on_event(event: LeaseEvent) -> None:
         changed = record_lease_event(ctl, event)
@@ -85,8 +91,10 @@ def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable
         names = _start_names(ctl, options)
         listener = LeaseEventListener(config.lease_socket(), on_event)
         listener.start()
+        sweeps = _every(GUEST_SWEEP_S, lambda: sweep_guest_addresses(ctl), "guest-sweep")
 
         def stop() -> None:
+            sweeps()
             listener.close()
             if names is not None:
                 names()
@@ -95,6 +103,29 @@ def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable
         return stop
 
     return start
+
+
+def _every(seconds: float, action: Callable[[], object], name: str) -> Callable[[], None]:
+    """Run `action` now and then every `seconds` on a thread of its own, logging its failures;
+    the function that stops it (waiting for a run under way)."""
+    stopping = threading.Event()
+
+    def loop() -> None:
+        while not stopping.is_set():
+            try:
+                action()
+            except Exception:
+                log.exception("%s failed", name)
+            stopping.wait(seconds)
+
+    thread = threading.Thread(target=loop, name=f"vmfabric-{name}", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join(timeout=30)
+
+    return stop
 
 
 def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] | None:

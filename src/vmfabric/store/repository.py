@@ -20,6 +20,7 @@ from vmfabric.store.prepared import Prepared, PreparedInsert
 from vmfabric.store.tables import (
     Allocation,
     GroupBlock,
+    GuestAddress,
     Host,
     Lease,
     Network,
@@ -105,8 +106,22 @@ _RUNNING_WITH_LEASES = (
     .where(Vm.state == VmState.RUNNING.value)
     .order_by(Vm.name, Lease.address)
 )
-_EVERY_REGISTRATION = Prepared(_RUNNING_WITH_LEASES)
-_REGISTRATION = Prepared(_RUNNING_WITH_LEASES.where(Vm.name == bindparam("vm")))
+_RUNNING_WITH_GUEST_ADDRESSES = (
+    select(Vm.name, Host.name.label("host"), Vm.image, GuestAddress.address)
+    .join(Host, Host.id == Vm.host_id)
+    .join(Nic, Nic.vm_id == Vm.id)
+    .join(GuestAddress, GuestAddress.nic_id == Nic.id)
+    .where(Vm.state == VmState.RUNNING.value)
+    .order_by(Vm.name, GuestAddress.address)
+)
+_EVERY_REGISTRATION = (
+    Prepared(_RUNNING_WITH_LEASES),
+    Prepared(_RUNNING_WITH_GUEST_ADDRESSES),
+)
+_REGISTRATION = (
+    Prepared(_RUNNING_WITH_LEASES.where(Vm.name == bindparam("vm"))),
+    Prepared(_RUNNING_WITH_GUEST_ADDRESSES.where(Vm.name == bindparam("vm"))),
+)
 
 _BLOCKED = Prepared(
     select(GroupBlock.id)
@@ -271,14 +286,15 @@ def _vm_query() -> Select[Vm]:
 
 
 def registration_rows(conn: Connection, vm: str | None = None) -> list[Any]:
-    """(name, host, image, address) of each leased address of running VMs, or of one VM; a
-    running VM without a lease has one row with address None. Sorted by VM, then address.
+    """(name, host, image, address) of each address of running VMs, or of one VM: leased
+    ones (a running VM without a lease has one row with address None), then the ones its
+    guest configured itself. Sorted by VM, then address, in each part.
 
     Run on every change of the names a DNS server publishes, so without the ORM.
     """
     if vm is None:
-        return _EVERY_REGISTRATION.rows(conn)
-    return _REGISTRATION.rows(conn, {"vm": vm})
+        return [row for query in _EVERY_REGISTRATION for row in query.rows(conn)]
+    return [row for query in _REGISTRATION for row in query.rows(conn, {"vm": vm})]
 
 
 def is_blocked(conn: Connection, group: str, image: str) -> bool:

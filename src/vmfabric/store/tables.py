@@ -168,6 +168,18 @@ class Lease(Base):
 Index("ix_leases_mac", Lease.mac)
 
 
+class GuestAddress(Base):
+    """An address a guest configured on a NIC itself (not by DHCP), as its agent reported it."""
+
+    __tablename__ = "guest_addresses"
+    __table_args__ = (UniqueConstraint("nic_id", "address"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    nic_id: Mapped[int] = mapped_column(ForeignKey("nics.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(64))
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class GroupBlock(Base):
     """A block in force: of one group (`scope` "group", `target` its name `<host>-<image>`)
     or of every group of an image, on every host (`scope` "image", `target` the image)."""
