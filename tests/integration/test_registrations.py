@@ -82,8 +82,17 @@ def test_leases_of_running_vms_are_their_registrations(
         Registration("b", "hv1", "debian12", ()),
         Registration("c", "hv2", "alpine", ("10.0.0.4",)),
     ]
+    assert api.get("/api/v1/registrations").json()[0] == {
+        "vm": "a",
+        "host": "hv1",
+        "image": "debian12",
+        "group": "hv1-debian12",
+        "addresses": ["10.0.0.2"],
+    }
+    assert 'vmfabric_registered_addresses{source="lease"} 2.0' in api.get("/metrics").text
     api.post("/api/v1/vms/a/stop")
     assert [r.vm for r in registrations(controller)] == ["b", "c"]
+    assert 'vmfabric_registered_addresses{source="lease"} 1.0' in api.get("/metrics").text
 
 
 def test_names_follow_leases_and_vms_within_a_second(

@@ -8,9 +8,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from vmfabric.domain.model import VmState
 from vmfabric.services.context import Controller
-from vmfabric.store.tables import Allocation, GroupBlock, Network, Subnet, Vm
+from vmfabric.store.tables import (
+    Allocation,
+    GroupBlock,
+    GuestAddress,
+    Lease,
+    Network,
+    Nic,
+    Subnet,
+    Vm,
+)
 
 registry = CollectorRegistry()
 
@@ -60,6 +71,11 @@ class StateCollector(Collector):
         blocks = GaugeMetricFamily(
             "vmfabric_group_blocks", "Blocks in force, by scope", labels=["scope"]
         )
+        registered = GaugeMetricFamily(
+            "vmfabric_registered_addresses",
+            "Addresses of running VMs named in DNS, by where they were learnt",
+            labels=["source"],
+        )
         with self._ctl.uow() as uow:
             rows = uow.session.execute(
                 select(Network.name, Subnet.cidr, func.count(Allocation.id), Subnet.capacity)
@@ -78,10 +94,23 @@ class StateCollector(Collector):
                 select(GroupBlock.scope, func.count()).group_by(GroupBlock.scope)
             ):
                 blocks.add_metric([scope], count)
+            for source, table in (("lease", Lease), ("guest", GuestAddress)):
+                registered.add_metric([source], _registered(uow.session, table))
         yield used
         yield capacity
         yield vms
         yield blocks
+        yield registered
+
+
+def _registered(session: Session, table: type[Lease] | type[GuestAddress]) -> int:
+    """Addresses of running VMs' NICs from leases or from guest agents."""
+    query = select(func.count()).select_from(Vm).join(Nic, Nic.vm_id == Vm.id)
+    if table is Lease:
+        query = query.join(Lease, (Lease.mac == Nic.mac) & (Lease.network_id == Nic.network_id))
+    else:
+        query = query.join(GuestAddress, GuestAddress.nic_id == Nic.id)
+    return int(session.scalar(query.where(Vm.state == VmState.RUNNING.value)) or 0)
 
 
 def exposition(ctl: Controller) -> bytes:

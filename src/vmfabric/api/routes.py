@@ -18,7 +18,7 @@ from vmfabric import __version__
 from vmfabric.api.metrics import GROUP_OPERATIONS, VM_CREATE_SECONDS, VM_OPERATIONS, exposition
 from vmfabric.api.schemas import AddressIn, BlockIn, HostIn, NetworkIn, UnblockIn, VmIn
 from vmfabric.domain.model import LeaseEvent
-from vmfabric.services import groups, hosts, leases, networks, vms
+from vmfabric.services import groups, hosts, leases, networks, registrations, vms
 from vmfabric.services.context import Controller
 from vmfabric.services.views import HostView, NetworkView, VmView
 
@@ -146,6 +146,12 @@ def start_vm(request: Request, name: str) -> VmView:
     """Boot a VM."""
     with _counted("start"):
         return vms.start_vm(_ctl(request), name)
+
+
+@router.get("/registrations")
+def list_registrations(request: Request) -> list[registrations.RegistrationView]:
+    """What the DNS server names: every running VM, its group and the addresses it holds."""
+    return registrations.registration_views(_ctl(request))
 
 
 @router.get("/groups")

@@ -18,12 +18,19 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import select
 
 from vmfabric.coalescing import Coalescer
-from vmfabric.domain.dns_records import Registration, ZoneBuilder, ZoneChange, ZoneContent
+from vmfabric.domain.dns_records import (
+    Registration,
+    ZoneBuilder,
+    ZoneChange,
+    ZoneContent,
+    group_name,
+)
 from vmfabric.services.context import Controller
 from vmfabric.services.groups import blocked_names
 from vmfabric.store import repository
@@ -52,6 +59,25 @@ def registrations(ctl: Controller) -> list[Registration]:
     """Every running VM with the addresses its NICs hold by lease, sorted by VM name."""
     with ctl.uow() as uow:
         return _registrations(repository.registration_rows(uow.connection))
+
+
+@dataclass(frozen=True)
+class RegistrationView:
+    """A registration as the API shows it: the VM, where it runs, its group, its addresses."""
+
+    vm: str
+    host: str
+    image: str
+    group: str
+    addresses: list[str]
+
+
+def registration_views(ctl: Controller) -> list[RegistrationView]:
+    """Every registration, by VM name."""
+    return [
+        RegistrationView(r.vm, r.host, r.image, group_name(r.host, r.image), list(r.addresses))
+        for r in sorted(registrations(ctl), key=lambda r: r.vm)
+    ]
 
 
 def _registrations(rows: Iterable[Any]) -> list[Registration]:
