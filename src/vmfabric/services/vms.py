@@ -91,6 +91,16 @@ class _Preset:
     host: HostRecord
     created_at: datetime
     nics: tuple[_PresetNic, ...]
+    group: str
+    image: str
+
+
+@dataclass(frozen=True)
+class _Defined:
+    """What step 3 recorded: the NICs with their MACs, and whether the VM's group is blocked
+    (asked in the same transaction, so a block committed later finds the MACs)."""
+
+    nics: list[_PresetNic]
     blocked: bool
 
 
@@ -109,8 +119,9 @@ async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
         preset = await ctl.writes.run_async(partial(_preset, ctl, request))
         hypervisor = ctl.agents.hypervisor(host_ref(preset.host))
         try:
-            nics = await _define(ctl, hypervisor, request, preset)
-            if preset.blocked:  # quarantined before its first packet
+            defined = await _define(ctl, hypervisor, request, preset)
+            nics = defined.nics
+            if defined.blocked:  # quarantined before its first packet
                 await anyio.to_thread.run_sync(enforce_blocks, ctl, {preset.host.name})
             _put_all(ctl, [_reservation(request.name, n) for n in nics])
             await _on_host(hypervisor, hypervisor.start, request.name)
@@ -171,8 +182,8 @@ def _preset(ctl: Controller, request: CreateVm, conn: Connection) -> _Preset:
         nic_id = repository.insert_nic(conn, vm_id, network.id, position)
         held = _preset_addresses(conn, network, nic_id, nic_request.address)
         nics.append(_PresetNic(nic_id, network, held))
-    blocked = repository.is_blocked(conn, group_name(host.name, request.image), request.image)
-    return _Preset(vm_id, host, created, tuple(nics), blocked)
+    group = group_name(host.name, request.image)
+    return _Preset(vm_id, host, created, tuple(nics), group, request.image)
 
 
 def _spec(request: CreateVm, preset: _Preset) -> VmSpec:
@@ -254,7 +265,7 @@ class _MacTaken(Exception):
 
 async def _define(
     ctl: Controller, hypervisor: Hypervisor, request: CreateVm, preset: _Preset
-) -> list[_PresetNic]:
+) -> _Defined:
     """Steps 2 and 3: the host defines the VM and chooses its MACs, which are recorded.
 
     Hypervisors choose MACs at random in 52:54:00, and each knows only its own host's, so
@@ -275,7 +286,7 @@ async def _define(
     )
 
 
-def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[_PresetNic]:
+def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> _Defined:
     """Step 3: keep the MACs the hypervisor chose, and the SLAAC addresses they imply; the VM
     is no longer a create in progress but one that runs."""
     if len(defined.macs) != len(preset.nics):
@@ -293,7 +304,7 @@ def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> list[
         repository.set_mac(conn, nic.id, mac)
         nics.append(replace(nic, mac=mac, held=nic.held + _claim_slaac(conn, nic, mac)))
     _write_state(defined.name, VmState.RUNNING, conn)
-    return nics
+    return _Defined(nics, repository.is_blocked(conn, preset.group, preset.image))
 
 
 def _claim_slaac(conn: Connection, nic: _PresetNic, mac: str) -> tuple[HeldAddress, ...]:
