@@ -104,7 +104,8 @@ class NamePublisher:
         self._builder: ZoneBuilder | None = None
         self._cidrs: tuple[str, ...] = ()
         self._blocked: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards what is pending
+        self._running = threading.Lock()  # one run at a time: the builder is not shared
         self._pending: set[str] = set()
         self._everything = True
         self._last_cost = 0.0
@@ -124,7 +125,8 @@ class NamePublisher:
 
     def publish_now(self) -> dict[str, int]:
         """Read everything and publish at once (at start); the serial of each zone."""
-        self.changed()
+        with self._lock:
+            self._everything = True
         return self._run()
 
     def close(self) -> None:
@@ -139,6 +141,10 @@ class NamePublisher:
         self._run()
 
     def _run(self) -> dict[str, int]:
+        with self._running:
+            return self._run_alone()
+
+    def _run_alone(self) -> dict[str, int]:
         started = time.monotonic()
         with self._lock:
             everything, names = self._everything, self._pending
