@@ -239,15 +239,24 @@ async def test_an_agent_closing_mid_answer_is_unreachable_and_a_new_connect_work
             assert await client.call("echo", {"n": 3}) == {"n": 3}
 
 
-async def test_a_late_answer_is_never_taken_for_a_later_call(sock: str) -> None:
-    async def slow(request: Request, writer: asyncio.StreamWriter) -> None:
+def slow_command(seconds: float) -> Callable[[Request, asyncio.StreamWriter], Awaitable[None]]:
+    """An agent that answers `slow` after `seconds`, and everything else at once."""
+
+    async def handle(request: Request, writer: asyncio.StreamWriter) -> None:
         if request["execute"] == "slow":
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(seconds)
             await send(writer, message({"return": "late"}))
         else:
             await answer(request, writer)
 
-    async with fake_agent(sock, slow) as agent, await QgaClient.connect(sock) as client:
+    return handle
+
+
+async def test_a_late_answer_is_never_taken_for_a_later_call(sock: str) -> None:
+    async with (
+        fake_agent(sock, slow_command(0.3)) as agent,
+        await QgaClient.connect(sock) as client,
+    ):
         with pytest.raises(AgentUnreachable):
             await client.call("slow", timeout=0.1)
         assert await client.call("echo", {"n": 4}) == {"n": 4}
@@ -256,14 +265,10 @@ async def test_a_late_answer_is_never_taken_for_a_later_call(sock: str) -> None:
 
 
 async def test_a_sync_that_timed_out_is_not_taken_for_the_next_one(sock: str) -> None:
-    async def slow(request: Request, writer: asyncio.StreamWriter) -> None:
-        if request["execute"] == "slow":
-            await asyncio.sleep(0.4)
-            await send(writer, message({"return": "late"}))
-        else:
-            await answer(request, writer)
-
-    async with fake_agent(sock, slow) as agent, await QgaClient.connect(sock) as client:
+    async with (
+        fake_agent(sock, slow_command(0.4)) as agent,
+        await QgaClient.connect(sock) as client,
+    ):
         with pytest.raises(AgentUnreachable):
             await client.call("slow", timeout=0.1)
         with pytest.raises(AgentUnreachable):
