@@ -8,6 +8,7 @@ dropped) and hands each to the test's handler, which writes whatever bytes it li
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import tracemalloc
@@ -21,9 +22,11 @@ import pytest
 from vmfabric.guest import (
     AgentUnreachable,
     CommandFailed,
+    ExecResult,
     GuestAddress,
     GuestAgentError,
     GuestInterface,
+    ProgramTimeout,
 )
 from vmfabric.guest.qga import MAX_MESSAGE, QgaClient
 
@@ -390,3 +393,63 @@ async def test_connecting_where_no_agent_listens_is_unreachable(sock: str) -> No
     Path(sock).touch()
     with pytest.raises(AgentUnreachable, match="cannot reach the guest agent"):
         await QgaClient.connect(sock)
+
+
+def exec_agent(polls_before_exit: int, exitcode: int = 0) -> Handler:
+    """An agent that runs programs: `ping` ends after some status polls, `cmd.exe` is missing."""
+    asked: list[int] = []
+
+    async def handle(request: Request, writer: asyncio.StreamWriter) -> None:
+        command, arguments = request["execute"], request.get("arguments", {})
+        if command == "guest-exec" and arguments["path"] == "cmd.exe":
+            desc = "Failed to execute child process “cmd.exe” (No such file or directory)"
+            await send(writer, message({"error": {"class": "GenericError", "desc": desc}}))
+        elif command == "guest-exec":
+            assert arguments["capture-output"] is True
+            await send(writer, message({"return": {"pid": 4242}}))
+        elif command == "guest-exec-status":
+            assert arguments == {"pid": 4242}
+            asked.append(1)
+            if len(asked) <= polls_before_exit:
+                await send(writer, message({"return": {"exited": False}}))
+            else:
+                out = base64.b64encode(b"1 packets transmitted, 1 received\n").decode()
+                done = {"exited": True, "exitcode": exitcode, "out-data": out}
+                await send(writer, message({"return": done}))
+        else:
+            await answer(request, writer)
+
+    return handle
+
+
+async def test_a_program_runs_to_its_end_with_its_output(sock: str) -> None:
+    ends = exec_agent(polls_before_exit=3, exitcode=1)
+    async with fake_agent(sock, ends) as agent, await QgaClient.connect(sock) as client:
+        result = await client.run("ping", ["-c", "1", "10.0.0.1"], timeout=5)
+    assert result == ExecResult(1, None, b"1 packets transmitted, 1 received\n", b"")
+    assert agent.commands == ["guest-exec", *["guest-exec-status"] * 4]
+
+
+async def test_a_program_the_guest_lacks_or_a_refused_exec_fails_clearly(sock: str) -> None:
+    async with fake_agent(sock, exec_agent(0)), await QgaClient.connect(sock) as client:
+        with pytest.raises(CommandFailed, match="No such file") as missing:
+            await client.run("cmd.exe", ["-h"])
+        assert missing.value.klass == "GenericError"
+    async with fake_agent(sock, answer), await QgaClient.connect(sock) as client:
+        with pytest.raises(CommandFailed) as refused:  # guest-exec blocked by the agent's policy
+            await client.run("ping")
+        assert refused.value.klass == "CommandNotFound"
+
+
+async def test_a_program_that_does_not_end_times_out_and_the_agent_stays_usable(
+    sock: str,
+) -> None:
+    async with (
+        fake_agent(sock, exec_agent(polls_before_exit=10**6)),
+        await QgaClient.connect(sock) as client,
+    ):
+        started = time.monotonic()
+        with pytest.raises(ProgramTimeout, match="still running"):
+            await client.run("ping", timeout=0.3)
+        assert time.monotonic() - started < 0.6
+        assert await client.call("echo", {"n": 8}) == {"n": 8}

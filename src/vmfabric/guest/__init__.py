@@ -32,6 +32,22 @@ class CommandFailed(GuestAgentError):
         """The agent's own description of the failure."""
 
 
+class ProgramTimeout(GuestAgentError):
+    """A program started in the guest did not end within the time given to it; the agent
+    itself answered, so the guest is alive."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a program run in the guest did: its exit code (None when a signal ended it, then
+    `signal` says which) and what it wrote."""
+
+    exitcode: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+
+
 @dataclass(frozen=True)
 class GuestAddress:
     """An IP address the guest has configured on an interface."""

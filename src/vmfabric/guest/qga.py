@@ -17,12 +17,14 @@ waits longer than its timeout, and answers are checked before they become typed 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import codecs
 import contextlib
 import ipaddress
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -33,9 +35,11 @@ from vmfabric.domain.names import normalize_mac
 from vmfabric.guest import (
     AgentUnreachable,
     CommandFailed,
+    ExecResult,
     GuestAddress,
     GuestAgentError,
     GuestInterface,
+    ProgramTimeout,
 )
 
 SENTINEL = b"\xff"
@@ -45,6 +49,10 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 """Bytes read at once: large, so a big answer is parsed a few times, not once per 64 KiB."""
 JSON_WHITESPACE = " \t\r\n"
+EXEC_POLL_FIRST = 0.02
+EXEC_POLL_MAX = 0.2
+"""Seconds between asking whether a program ended: soon at first (a ping answered at once
+ends in milliseconds), then less often."""
 NO_MAC = "00:00:00:00:00:00"
 """What qemu-ga reports for interfaces without hardware address, such as lo."""
 
@@ -212,6 +220,40 @@ class QgaClient:
         """What the guest says about its OS and kernel (`id`, `version-id`, `kernel-release`...)."""
         return _shaped(_OS_INFO, await self.call("guest-get-osinfo"), "guest-get-osinfo")
 
+    async def run(self, path: str, args: Sequence[str] = (), *, timeout: float = 5.0) -> ExecResult:
+        """Run a program in the guest and wait for it to end, within `timeout` seconds.
+
+        `guest-exec` starts it with its output captured, then `guest-exec-status` is asked,
+        more slowly as time goes by, until it exited. `CommandFailed` when the agent refuses
+        to run programs (guest-exec disabled by its policy) or cannot start this one (such
+        as a program the guest does not have); `ProgramTimeout` when it is still running.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        arguments = {"path": path, "arg": list(args), "capture-output": True}
+        started = _shaped(
+            _EXEC, await self.call("guest-exec", arguments, timeout=timeout), "guest-exec"
+        )
+        pause = EXEC_POLL_FIRST
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ProgramTimeout(f"{path} still running in the guest after {timeout:g} s")
+            status = _shaped(
+                _EXEC_STATUS,
+                await self.call("guest-exec-status", {"pid": started.pid}, timeout=left),
+                "guest-exec-status",
+            )
+            if status.exited:
+                return ExecResult(
+                    status.exitcode,
+                    status.signal,
+                    _decoded(status.out_data, "out-data"),
+                    _decoded(status.err_data, "err-data"),
+                )
+            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+            pause = min(pause * 2, EXEC_POLL_MAX)
+
     async def _exchange(self, request: dict[str, Any]) -> Any:
         """Send one request and read its answer. Until the answer is read whole, the stream
         counts as out of sync, so a call cut short makes the next one re-sync first."""
@@ -284,6 +326,20 @@ class _Interface(BaseModel):
     addresses: list[_Address] = Field(default_factory=list, alias="ip-addresses")
 
 
+class _ExecStarted(BaseModel):
+    pid: int
+
+
+class _ExecStatus(BaseModel):
+    exited: bool
+    exitcode: int | None = None
+    signal: int | None = None
+    out_data: str = Field(default="", alias="out-data")
+    err_data: str = Field(default="", alias="err-data")
+
+
+_EXEC = TypeAdapter(_ExecStarted)
+_EXEC_STATUS = TypeAdapter(_ExecStatus)
 _INFO = TypeAdapter(_Info)
 _INTERFACES = TypeAdapter(list[_Interface])
 _OS_INFO = TypeAdapter(dict[str, Any])
@@ -300,6 +356,14 @@ def _shaped(adapter: TypeAdapter[T], value: Any, command: str) -> T:
             f"the guest agent's answer to {command} is not as QGA documents it: "
             f"{where}: {first['msg']} ({err.error_count()} problem(s))"
         ) from None
+
+
+def _decoded(data: str, field: str) -> bytes:
+    """Captured output, which QGA sends in base64."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise GuestAgentError(f"the guest agent's {field} is not base64") from None
 
 
 def _interface(raw: _Interface) -> GuestInterface:
