@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from vmfabric import __version__
 from vmfabric.api import problems
 from vmfabric.api.routes import metrics_router, router
+from vmfabric.services.checks import Checker, CheckSettings
 from vmfabric.services.context import Controller
 
 
@@ -20,11 +21,13 @@ def create_app(
     lab: bool = False,
     token: str | None = None,
     background: Callable[[], Callable[[], None]] | None = None,
+    checker: Checker | None = None,
 ) -> FastAPI:
     """The API over `ctl`.
 
     `background` starts the controller's background work (the lease listener) when the app
-    starts and returns the function that stops it.
+    starts and returns the function that stops it; `checker` runs connectivity checks (with
+    default settings when not given).
     """
 
     @asynccontextmanager
@@ -46,6 +49,7 @@ def create_app(
     )
     app.state.controller = ctl
     app.state.lab = lab
+    app.state.checker = checker or Checker(CheckSettings())
     problems.install(app)
     if token:
         _require_token(app, token)

@@ -16,9 +16,10 @@ from prometheus_client import Counter
 
 from vmfabric import __version__
 from vmfabric.api.metrics import GROUP_OPERATIONS, VM_CREATE_SECONDS, VM_OPERATIONS, exposition
-from vmfabric.api.schemas import AddressIn, BlockIn, HostIn, NetworkIn, UnblockIn, VmIn
+from vmfabric.api.schemas import AddressIn, BlockIn, CheckRunIn, HostIn, NetworkIn, UnblockIn, VmIn
+from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import LeaseEvent
-from vmfabric.services import groups, hosts, leases, networks, registrations, vms
+from vmfabric.services import checks, groups, hosts, leases, networks, registrations, vms
 from vmfabric.services.context import Controller
 from vmfabric.services.views import HostView, NetworkView, VmView
 
@@ -146,6 +147,30 @@ def start_vm(request: Request, name: str) -> VmView:
     """Boot a VM."""
     with _counted("start"):
         return vms.start_vm(_ctl(request), name)
+
+
+@router.post("/checks/run")
+def run_checks(request: Request, body: CheckRunIn) -> list[CheckResult]:
+    """Check every running VM (or one) through its guest agent now; the results."""
+    return checks.run_checks(_ctl(request), request.app.state.checker, body.vm)
+
+
+@router.get("/checks")
+def check_status(request: Request) -> list[CheckResult]:
+    """The latest check of every VM."""
+    return checks.check_status(_ctl(request))
+
+
+@router.get("/checks/{vm}")
+def check_status_of(request: Request, vm: str) -> CheckResult:
+    """The latest check of one VM."""
+    return checks.check_status(_ctl(request), vm)[0]
+
+
+@router.get("/checks/{vm}/history")
+def check_history(request: Request, vm: str, limit: int = 100) -> list[CheckResult]:
+    """A VM's checks, newest first."""
+    return checks.check_history(_ctl(request), vm, limit)
 
 
 @router.get("/registrations")

@@ -67,3 +67,9 @@ class UnblockIn(_Body):
 
     reason: str = ""
     by: str = "api"
+
+
+class CheckRunIn(_Body):
+    """Run checks now: of one VM, or of every running VM."""
+
+    vm: str | None = None

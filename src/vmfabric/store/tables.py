@@ -180,6 +180,24 @@ class GuestAddress(Base):
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Check(Base):
+    """One connectivity check of a VM through its guest agent, kept for the history."""
+
+    __tablename__ = "checks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm: Mapped[str] = mapped_column(String(63))
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)
+    os: Mapped[str] = mapped_column(String(16))
+    agent: Mapped[str] = mapped_column(String(16))
+    nics: Mapped[list[dict[str, str | None]]] = mapped_column(JSON)
+    detail: Mapped[str | None] = mapped_column(String(1024))
+
+
+Index("ix_checks_vm_at", Check.vm, Check.checked_at)
+Index("ix_checks_at", Check.checked_at)
+
+
 class GroupBlock(Base):
     """A block in force: of one group (`scope` "group", `target` its name `<host>-<image>`)
     or of every group of an image, on every host (`scope` "image", `target` the image)."""

@@ -1,0 +1,254 @@
+"""Connectivity checks of running VMs through their guest agents, and their history.
+
+The rules (what to ping, how, what a result means) are `domain.checks`; this runs them: it
+reads each running VM's NICs from the store, asks the VM's host for the agent's channel, and
+checks many VMs at once, at most `concurrency` together, each within `vm_deadline_s`: a hung
+or dead agent makes its VM "unreachable" and never holds up the others beyond that deadline.
+Each VM's OS is found once and remembered. Results are stored; the history older than
+`keep` is dropped at each sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select
+
+from vmfabric.domain.checks import (
+    WINDOWS_PROBE,
+    AgentState,
+    CheckResult,
+    GuestOs,
+    NicFacts,
+    NicResult,
+    Reach,
+    nic_results,
+    os_from_info,
+    os_from_probe,
+    ping_command,
+    pings,
+    reach_of,
+    unreachable,
+)
+from vmfabric.domain.errors import NotFound
+from vmfabric.domain.model import NetworkKind, VmState
+from vmfabric.guest import CommandFailed, GuestAgentError, ProgramTimeout
+from vmfabric.guest.qga import QgaClient
+from vmfabric.services.context import Controller
+from vmfabric.services.hosts import host_ref
+from vmfabric.services.views import as_utc
+from vmfabric.store.tables import Check, Host, Nic, Vm, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXTERNAL_TARGET = "203.0.113.1"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """How checks run; the operator sets them on `serve`."""
+
+    external_target: str = DEFAULT_EXTERNAL_TARGET
+    concurrency: int = 32
+    vm_deadline_s: float = 6.0
+    ping_deadline_s: int = 1
+    connect_timeout_s: float = 2.0
+    keep: timedelta = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class CheckTarget:
+    """A running VM to check: its NICs and its agent's channel (None: the host has none)."""
+
+    vm: str
+    socket: str | None
+    nics: list[NicFacts]
+
+
+class Checker:
+    """Checks VMs through their agents, remembering each VM's OS between sweeps."""
+
+    def __init__(self, settings: CheckSettings) -> None:
+        self.settings = settings
+        self._os: dict[str, GuestOs] = {}
+
+    async def check_all(self, targets: Collection[CheckTarget]) -> list[CheckResult]:
+        """Every target's result, in the order given."""
+        limit = asyncio.Semaphore(self.settings.concurrency)
+
+        async def bounded(target: CheckTarget) -> CheckResult:
+            async with limit:
+                return await self.check(target)
+
+        return list(await asyncio.gather(*(bounded(target) for target in targets)))
+
+    async def check(self, target: CheckTarget) -> CheckResult:
+        """One VM's result within the VM deadline; an agent that does not answer in time
+        makes it unreachable."""
+        at = utcnow()
+        known = self._os.get(target.vm, GuestOs.UNKNOWN)
+        if target.socket is None:
+            return unreachable(target.vm, target.nics, at, "its host has no agent channel", known)
+        try:
+            async with asyncio.timeout(self.settings.vm_deadline_s):
+                return await self._check(target, target.socket)
+        except TimeoutError:
+            why = f"no answer within {self.settings.vm_deadline_s:g} s"
+        except GuestAgentError as error:
+            why = str(error)
+        return unreachable(target.vm, target.nics, at, why, known)
+
+    async def _check(self, target: CheckTarget, socket: str) -> CheckResult:
+        at = utcnow()
+        timeout = self.settings.connect_timeout_s
+        async with await QgaClient.connect(socket, timeout=timeout) as agent:
+            guest_os = await self._guest_os(target.vm, agent)
+            outcomes: dict[tuple[str, str], Reach] = {}
+            detail = None
+            for ping in pings(target.nics, self.settings.external_target):
+                program, args = ping_command(guest_os, ping.target, self.settings.ping_deadline_s)
+                try:
+                    result = await agent.run(
+                        program, args, timeout=self.settings.ping_deadline_s + 2
+                    )
+                except ProgramTimeout:
+                    outcomes[(ping.mac, ping.purpose)] = Reach.BROKEN
+                    continue
+                except CommandFailed as error:
+                    detail = f"the agent cannot run ping: {error}"
+                    break
+                outcomes[(ping.mac, ping.purpose)] = reach_of(result.exitcode)
+        nics = nic_results(target.nics, outcomes)
+        return CheckResult(target.vm, guest_os, AgentState.OK, nics, at, detail)
+
+    async def _guest_os(self, vm: str, agent: QgaClient) -> GuestOs:
+        """The VM's OS: remembered, else from guest-get-osinfo, else by the patent's probe."""
+        known = self._os.get(vm)
+        if known is not None:
+            return known
+        if (await agent.commands()).get("guest-get-osinfo"):
+            found = os_from_info(await agent.os_info())
+        else:
+            program, args = WINDOWS_PROBE
+            try:
+                await agent.run(program, list(args), timeout=self.settings.ping_deadline_s + 2)
+            except (CommandFailed, ProgramTimeout):
+                found = os_from_probe(ran=False)
+            else:
+                found = os_from_probe(ran=True)
+        if found != GuestOs.UNKNOWN:
+            self._os[vm] = found
+        return found
+
+
+def run_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list[CheckResult]:
+    """Check every running VM (or one), store the results, drop old history; the results.
+
+    Raises NotFound for a VM that does not exist or does not run.
+    """
+    targets = _targets(ctl, vm)
+    results = asyncio.run(checker.check_all(targets))
+    _store(ctl, results, checker.settings.keep)
+    return results
+
+
+def check_status(ctl: Controller, vm: str | None = None) -> list[CheckResult]:
+    """The latest result of every VM checked (or of one), by VM name."""
+    with ctl.uow() as uow:
+        latest = select(Check.vm, func.max(Check.id).label("id")).group_by(Check.vm).subquery()
+        query = select(Check).join(latest, latest.c.id == Check.id).order_by(Check.vm)
+        if vm is not None:
+            query = query.where(Check.vm == vm)
+        found = [_result(row) for row in uow.session.scalars(query)]
+    if vm is not None and not found:
+        raise NotFound(f"VM {vm!r} has not been checked (yet)", vm=vm)
+    return found
+
+
+def check_history(ctl: Controller, vm: str, limit: int = 100) -> list[CheckResult]:
+    """The VM's results, newest first."""
+    with ctl.uow() as uow:
+        rows = uow.session.scalars(
+            select(Check).where(Check.vm == vm).order_by(Check.id.desc()).limit(limit)
+        )
+        found = [_result(row) for row in rows]
+    if not found:
+        raise NotFound(f"VM {vm!r} has no check history", vm=vm)
+    return found
+
+
+def _targets(ctl: Controller, vm: str | None) -> list[CheckTarget]:
+    with ctl.uow() as uow:
+        query = select(Vm).where(Vm.state == VmState.RUNNING.value).order_by(Vm.name)
+        if vm is not None:
+            query = query.where(Vm.name == vm)
+        vms = list(uow.session.scalars(query.join(Host)))
+        if vm is not None and not vms:
+            raise NotFound(f"no running VM named {vm!r}", vm=vm)
+        wanted = [
+            (v.name, host_ref(v.host), [_facts(n, n.mac) for n in v.nics if n.mac]) for v in vms
+        ]
+    return [
+        CheckTarget(name, ctl.agents.hypervisor(host).agent_socket(name), nics)
+        for name, host, nics in wanted
+    ]
+
+
+def _facts(nic: Nic, mac: str) -> NicFacts:
+    ipv4 = next((a for a in nic.addresses if a.version == 4), None)
+    return NicFacts(
+        mac=mac,
+        ipv4=ipv4.address if ipv4 else None,
+        gateway=ipv4.subnet.gateway if ipv4 else None,
+        kind=NetworkKind(nic.network.kind),
+    )
+
+
+def _store(ctl: Controller, results: list[CheckResult], keep: timedelta) -> None:
+    with ctl.uow() as uow:
+        session = uow.session
+        for result in results:
+            session.add(
+                Check(
+                    vm=result.vm,
+                    checked_at=result.checked_at,
+                    os=result.os.value,
+                    agent=result.agent.value,
+                    nics=[_nic_json(nic) for nic in result.nics],
+                    detail=result.detail,
+                )
+            )
+        session.execute(delete(Check).where(Check.checked_at < utcnow() - keep))
+        uow.commit()
+
+
+def _nic_json(nic: NicResult) -> dict[str, str | None]:
+    return {
+        "mac": nic.mac,
+        "ipv4": nic.ipv4,
+        "gateway": nic.gateway.value,
+        "external": nic.external.value,
+    }
+
+
+def _result(row: Check) -> CheckResult:
+    return CheckResult(
+        vm=row.vm,
+        os=GuestOs(row.os),
+        agent=AgentState(row.agent),
+        nics=[
+            NicResult(
+                str(nic["mac"]),
+                nic.get("ipv4"),
+                Reach(str(nic["gateway"])),
+                Reach(str(nic["external"])),
+            )
+            for nic in row.nics
+        ],
+        checked_at=as_utc(row.checked_at),
+        detail=row.detail,
+    )
