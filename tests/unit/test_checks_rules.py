@@ -80,5 +80,5 @@ def test_states_from_outcomes_and_unreachable_agents() -> None:
 
 def test_the_external_target_is_an_ip_address() -> None:
     assert check_external_target(" 203.0.113.1 ") == "203.0.113.1"
-    with pytest.raises(InvalidInput, match="invalid external target 'example.com'"):
+    with pytest.raises(InvalidInput, match=r"invalid external target 'example\.com'"):
         check_external_target("example.com")
