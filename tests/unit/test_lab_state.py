@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from vmfabric.lab.errors import LabError
-from vmfabric.lab.state import LabState, LabStore, LinkRecord, ProcessRecord, VmRecord
+from vmfabric.lab.state import (
+    FaultRecord,
+    FlowRecord,
+    LabState,
+    LabStore,
+    LinkRecord,
+    ProcessRecord,
+    VmRecord,
+)
 
 
 def test_a_lab_never_up_reads_as_empty(tmp_path: Path) -> None:
@@ -55,6 +63,22 @@ def test_nested_edits_in_one_thread_share_the_record(tmp_path: Path) -> None:
         assert inner is outer
         inner.remember_namespace("vmf-a")
     assert store.read().namespaces == ["vmf-a"]
+
+
+def test_faults_keep_their_cookies_in_hex_and_old_records_have_none(tmp_path: Path) -> None:
+    store = LabStore(tmp_path / "lab")
+    flows = FlowRecord(bridge="vmf-hv1", cookie=0xFA17000100ABCDEF, rules=["r"])
+    vm = VmRecord(name="a", host="hv1", image="i", netns="n", directory="d")
+    vm.faults["gateway-down"] = FaultRecord(kind="gateway-down", flows=[flows])
+    with store.edit() as record:
+        record.remember_vm(vm)
+    assert '"cookie": "0xfa17000100abcdef"' in store.path.read_text()
+    assert store.read().vms["hv1/a"].faults["gateway-down"].flows == [flows]
+    store.path.write_text(
+        '{"vms": {"hv1/b": {"name": "b", "host": "hv1", "image": "i", '
+        '"netns": "n", "directory": "d"}}}'
+    )
+    assert store.read().vms["hv1/b"].faults == {}
 
 
 def test_an_unreadable_record_is_a_clear_error(tmp_path: Path) -> None:

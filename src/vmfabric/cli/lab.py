@@ -1,4 +1,4 @@
-"""`vmfabric lab`: bring the lab up and down, look at it, run commands in its VMs.
+"""`vmfabric lab`: bring the lab up and down, look at it, run commands in and break its VMs.
 
 With `--json` each command prints exactly one JSON document on stdout. Errors are one line on
 stderr: exit code 2 for bad input, 1 for a failure.
@@ -15,7 +15,7 @@ import typer
 
 from vmfabric.cli.demo import run_demo
 from vmfabric.cli.output import JsonFlag, cli_errors, console, emit_json, fail, steps, table
-from vmfabric.lab import lifecycle
+from vmfabric.lab import faults, lifecycle
 from vmfabric.lab.errors import LabError, LabInputError
 
 app = typer.Typer(
@@ -114,6 +114,44 @@ def exec_(
 
 
 @app.command()
+def fault(
+    vm: Annotated[str, typer.Argument(help="The lab VM.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="gateway-down, external-down, agent-stop, agent-hang or nic-down.",
+            show_default=False,
+        ),
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Break one thing of a lab VM, until `lab heal`; asking again changes nothing."""
+    result = _guarded(lambda: faults.inject(vm, kind))
+    if as_json:
+        emit_json(result)
+        return
+    how = "in place" if result["changed"] else "already in place"
+    typer.echo(
+        f"fault {result['kind']} {how} on VM {result['vm']} ({result['host']}); "
+        f"its faults: {', '.join(result['faults'])}"
+    )
+
+
+@app.command()
+def heal(
+    vm: Annotated[str, typer.Argument(help="The lab VM.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Undo every fault of a lab VM."""
+    result = _guarded(lambda: faults.heal(vm))
+    if as_json:
+        emit_json(result)
+        return
+    healed = ", ".join(result["healed"]) or "nothing (it had no faults)"
+    typer.echo(f"VM {result['vm']} ({result['host']}) healed: {healed}")
+
+
+@app.command()
 def demo(as_json: JsonFlag = False) -> None:
     """Show IP presetting end to end: VMs on two hosts get exactly their preset IPs by DHCP."""
     with steps(not as_json) as step, cli_errors():
@@ -148,6 +186,7 @@ def _show_status(result: dict[str, Any]) -> None:
             vm["host"],
             "yes" if vm["running"] else "no",
             ", ".join(f"{n['ifname']} {n['mac']} {n['network']}/{n['vlan']}" for n in vm["nics"]),
+            ", ".join(f["kind"] for f in vm["faults"]) or "-",
         )
         for vm in result["vms"]
     ]
@@ -160,7 +199,7 @@ def _show_status(result: dict[str, Any]) -> None:
         for p in result["processes"]
     ]
     for title, columns, rows in (
-        ("VMs", ("VM", "HOST", "RUNNING", "NICS"), vms),
+        ("VMs", ("VM", "HOST", "RUNNING", "NICS", "FAULTS"), vms),
         ("Networks", ("NETWORK", "KIND", "VLAN", "ROUTER", "DHCP"), networks),
         ("Processes", ("PROCESS", "PID", "ALIVE", "NAMESPACE"), processes),
     ):

@@ -33,7 +33,13 @@ from vmfabric.lab.names import (
 from vmfabric.lab.netns import delete_link, link_exists, netns_exists, sync_addresses
 from vmfabric.lab.plumbing import make_netns, remove_netns
 from vmfabric.lab.state import LabState, LabStore, ProcessRecord, Record, VmRecord
-from vmfabric.lab.vm import agent_socket_path, destroy_vm, install_dhcp_script, is_running
+from vmfabric.lab.vm import (
+    agent_socket_path,
+    destroy_vm,
+    install_dhcp_script,
+    is_running,
+    vm_named,
+)
 
 Progress = Callable[[str], None]
 """Told the name of each step as it begins, for a progress display."""
@@ -127,12 +133,7 @@ def status() -> dict[str, Any]:
 
 def vm_namespace(vm: str) -> str:
     """The namespace of lab VM `vm`; the running one if it exists on two hosts (migration)."""
-    state = LabStore().read()
-    found = [v for v in state.vms.values() if v.name == vm and v.defined]
-    if not found:
-        raise LabInputError(f"the lab has no VM named {vm!r}")
-    running = [v for v in found if is_running(state, v)]
-    return (running or found)[0].netns
+    return vm_named(LabStore().read(), vm).netns
 
 
 def exec_in_vm(vm: str, argv: list[str]) -> int:
@@ -255,4 +256,5 @@ def _vm_view(state: LabState, vm: VmRecord) -> dict[str, Any]:
         "running": is_running(state, vm),
         "agent_socket": str(agent_socket_path(vm.host, vm.name)),
         "nics": [nic.model_dump() for nic in vm.nics],
+        "faults": [fault.model_dump() for fault in vm.faults.values()],
     }

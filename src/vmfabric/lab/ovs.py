@@ -8,6 +8,7 @@ so the lab never touches a system Open vSwitch. Other modules reach the switch t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,17 @@ def add_access_port(bridge: str, port: str, vlan: int, mac: str | None = None) -
 def delete_port(port: str) -> None:
     """Unplug a port, without waiting for the daemon (it may be gone already)."""
     vsctl("--no-wait", "--if-exists", "del-port", port)
+
+
+def add_flows(bridge: str, flows: Sequence[str]) -> None:
+    """Install OpenFlow rules on a lab bridge; a rule of the same match and priority is replaced."""
+    for flow in flows:
+        switch_access().run("ovs-ofctl", "add-flow", bridge, flow)
+
+
+def delete_flows(bridge: str, cookie: int) -> None:
+    """Remove the rules of a lab bridge that carry exactly `cookie`."""
+    switch_access().run("ovs-ofctl", "del-flows", bridge, f"cookie={cookie:#x}/-1")
 
 
 def database_running(state: LabState) -> bool:

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError
 
 from vmfabric.config import state_dir
 from vmfabric.lab.errors import LabError
@@ -59,8 +60,37 @@ class NicRecord(BaseModel):
     port: str
 
 
+HexCookie = Annotated[
+    int,
+    BeforeValidator(lambda value: int(value, 16) if isinstance(value, str) else value),
+    PlainSerializer(lambda value: f"{value:#x}", return_type=str),
+]
+"""An OpenFlow cookie, written in hex as `ovs-ofctl dump-flows` prints it."""
+
+
+class FlowRecord(BaseModel):
+    """OpenFlow `rules` (ovs-ofctl syntax) on `bridge`, all with `cookie`, which removes them."""
+
+    bridge: str
+    cookie: HexCookie
+    rules: list[str] = Field(default_factory=list)
+
+
+class FaultRecord(BaseModel):
+    """A fault injected into a VM (`vmfabric.lab.faults`): what healing it must undo.
+
+    `flows` are its switch rules, `processes` the names (in `LabState.processes`) of what it
+    started, `links` the VM's interfaces it set down.
+    """
+
+    kind: str
+    flows: list[FlowRecord] = Field(default_factory=list)
+    processes: list[str] = Field(default_factory=list)
+    links: list[str] = Field(default_factory=list)
+
+
 class VmRecord(BaseModel):
-    """A lab VM. `defined` turns true only once every part exists."""
+    """A lab VM. `defined` turns true only once every part exists; `faults` by kind."""
 
     name: str
     host: str
@@ -72,6 +102,7 @@ class VmRecord(BaseModel):
     vcpus: int = 1
     defined: bool = False
     running: bool = False
+    faults: dict[str, FaultRecord] = Field(default_factory=dict)
 
     @property
     def key(self) -> str:

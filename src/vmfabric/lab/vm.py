@@ -18,7 +18,7 @@ from pathlib import Path
 from vmfabric.domain.errors import InvalidInput
 from vmfabric.domain.model import NicSpec, VmSpec
 from vmfabric.domain.names import normalize_mac
-from vmfabric.lab import proc
+from vmfabric.lab import ovs, proc
 from vmfabric.lab.errors import LabError, LabInputError
 from vmfabric.lab.names import check_label, vm_ifname, vm_netns, vm_port
 from vmfabric.lab.netns import (
@@ -30,6 +30,7 @@ from vmfabric.lab.netns import (
 )
 from vmfabric.lab.plumbing import clear_netns, make_netns, plug, require_lab
 from vmfabric.lab.state import (
+    FaultRecord,
     LabState,
     NicRecord,
     ProcessRecord,
@@ -121,7 +122,7 @@ def start_vm(record: Record, vm: VmRecord) -> None:
         install_dhcp_script()
     for nic in vm.nics:
         set_link(nic.ifname, up=True, netns=vm.netns)
-        known = record.state.processes.get(_dhcp_client_name(vm, nic))
+        known = record.state.processes.get(dhcp_client_name(vm, nic))
         if known is None or not proc.is_alive(known):
             _start_dhcp_client(record, vm, nic)
     vm.running = True
@@ -131,7 +132,7 @@ def start_vm(record: Record, vm: VmRecord) -> None:
 def stop_vm(record: Record, vm: VmRecord) -> None:
     """Release each lease (SIGUSR2), end the clients, drop addresses, links down."""
     for nic in vm.nics:
-        name = _dhcp_client_name(vm, nic)
+        name = dhcp_client_name(vm, nic)
         process = record.state.processes.get(name)
         if process is not None:
             _release(process, vm.netns, nic.ifname)
@@ -145,9 +146,15 @@ def stop_vm(record: Record, vm: VmRecord) -> None:
 
 
 def destroy_vm(record: Record, vm: VmRecord) -> None:
-    """Stop the VM, end its agent and whatever else runs in it, delete NICs and namespace."""
+    """Clear its faults, stop the VM, end its agent and all else in it, delete NICs and namespace.
+
+    A fault's rules match the VM's MAC, which a VM defined again on the same network keeps,
+    so they must go with the VM.
+    """
+    for fault in vm.faults.values():
+        clear_fault(record, fault)
     stop_vm(record, vm)
-    agent = record.state.processes.get(_agent_name(vm))
+    agent = record.state.processes.get(agent_name(vm))
     if agent is not None:
         proc.stop(agent)
         record.forget_process(agent.name)
@@ -157,9 +164,35 @@ def destroy_vm(record: Record, vm: VmRecord) -> None:
     record.forget_vm(vm.key)
 
 
+def clear_fault(record: Record, fault: FaultRecord) -> None:
+    """Delete a fault's switch rules and end its processes (it stays in the VM's record).
+
+    What it changed inside the VM (a link set down, a stopped agent) is for the caller to
+    restore, or goes with the VM. A switch that is not running holds no rules: OpenFlow rules
+    live in ovs-vswitchd, not in its database.
+    """
+    for flow in fault.flows:
+        if ovs.is_running(record.state) and flow.bridge in record.state.bridges:
+            ovs.delete_flows(flow.bridge, flow.cookie)
+    for name in fault.processes:
+        process = record.state.processes.get(name)
+        if process is not None:
+            proc.stop(process)
+            record.forget_process(name)
+
+
+def vm_named(state: LabState, name: str) -> VmRecord:
+    """The defined lab VM `name`; the running one if it exists on two hosts (migration)."""
+    found = [vm for vm in state.vms.values() if vm.name == name and vm.defined]
+    if not found:
+        raise LabInputError(f"the lab has no VM named {name!r}")
+    running = [vm for vm in found if is_running(state, vm)]
+    return (running or found)[0]
+
+
 def is_running(state: LabState, vm: VmRecord) -> bool:
     """Running means: started, and every NIC's DHCP client still alive."""
-    clients = [state.processes.get(_dhcp_client_name(vm, nic)) for nic in vm.nics]
+    clients = [state.processes.get(dhcp_client_name(vm, nic)) for nic in vm.nics]
     return vm.running and all(c is not None and proc.is_alive(c) for c in clients)
 
 
@@ -212,9 +245,9 @@ def _refresh(record: Record, vm: VmRecord, spec: VmSpec) -> VmRecord:
     """Keep a matching VM, updating what needs no rebuild and restarting a dead agent."""
     vm.image, vm.memory_mib, vm.vcpus = spec.image, spec.memory_mib, spec.vcpus
     record.remember_vm(vm)
-    agent = record.state.processes.get(_agent_name(vm))
+    agent = record.state.processes.get(agent_name(vm))
     if agent is None or not proc.is_alive(agent):
-        _start_agent(record, vm)
+        start_agent(record, vm)
     return vm
 
 
@@ -268,18 +301,21 @@ def _build(record: Record, vm: VmRecord) -> None:
             owner=f"VM {vm.name} on {vm.host}",
             mac=nic.mac,
         )
-    _start_agent(record, vm)
+    start_agent(record, vm)
 
 
-def _agent_name(vm: VmRecord) -> str:
+def agent_name(vm: VmRecord) -> str:
+    """The name of the VM's qemu-ga in the lab's record."""
     return f"vmf-qga.{vm.host}.{vm.name}"
 
 
-def _dhcp_client_name(vm: VmRecord, nic: NicRecord) -> str:
+def dhcp_client_name(vm: VmRecord, nic: NicRecord) -> str:
+    """The name of a NIC's DHCP client in the lab's record."""
     return f"vmf-udhcpc.{vm.host}.{vm.name}.{nic.ifname}"
 
 
-def _start_agent(record: Record, vm: VmRecord) -> None:
+def start_agent(record: Record, vm: VmRecord) -> None:
+    """Start the VM's qemu-ga on its socket and wait until the socket exists."""
     directory = Path(vm.directory)
     directory.mkdir(parents=True, exist_ok=True)
     socket = directory / "qga.sock"
@@ -293,7 +329,7 @@ def _start_agent(record: Record, vm: VmRecord) -> None:
         f"--block-rpcs={','.join(QGA_BLOCKED_RPCS)}",
     ]
     process = ProcessRecord(
-        name=_agent_name(vm), argv=argv, netns=vm.netns, log=str(directory / "qga.log")
+        name=agent_name(vm), argv=argv, netns=vm.netns, log=str(directory / "qga.log")
     )
     record.remember_process(process)
     started = proc.spawn(process)
@@ -323,7 +359,7 @@ def _start_dhcp_client(record: Record, vm: VmRecord, nic: NicRecord) -> None:
         "-A3",
     ]
     process = ProcessRecord(
-        name=_dhcp_client_name(vm, nic),
+        name=dhcp_client_name(vm, nic),
         argv=argv,
         netns=vm.netns,
         pidfile=str(pidfile),
