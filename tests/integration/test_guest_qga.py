@@ -453,3 +453,20 @@ async def test_a_program_that_does_not_end_times_out_and_the_agent_stays_usable(
             await client.run("ping", timeout=0.3)
         assert time.monotonic() - started < 0.6
         assert await client.call("echo", {"n": 8}) == {"n": 8}
+
+
+async def test_clients_of_one_channel_in_this_process_take_turns(sock: str) -> None:
+    async with fake_agent(sock) as agent:
+        first = await QgaClient.connect(sock)
+        waiting = asyncio.create_task(QgaClient.connect(sock, timeout=2))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and agent.connections == 1  # not even connected yet
+        await first.close()
+        second = await waiting
+        assert await second.call("echo", {"n": 9}) == {"n": 9}
+        await second.close()
+        with pytest.raises(AgentUnreachable, match=r"no answer within 0\.2 s"):
+            async with await QgaClient.connect(sock):
+                await QgaClient.connect(sock, timeout=0.2)
+        async with await QgaClient.connect(sock) as third:  # every turn was given back
+            assert await third.call("echo", {"n": 10}) == {"n": 10}

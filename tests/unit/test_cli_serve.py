@@ -31,6 +31,9 @@ def serve(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
         (["--dns-listen", "localhost:53"], "error: invalid --dns-listen 'localhost:53': 'local"),
         (["--dns-listen", "127.0.0.1:70000"], "error: invalid --dns-listen '127.0.0.1:70000'"),
         (["--dns-secondary", "ns2:53"], "error: invalid --dns-secondary 'ns2:53'"),
+        (["--check-target", "example.com"], "error: invalid --check-target: invalid external"),
+        (["--check-deadline", "0"], "error: invalid --check-deadline 0: between 1 and 300"),
+        (["--check-interval", "-1"], "error: invalid --check-interval -1"),
         (["--dns-tsig-key-file", "/nonexistent"], "error: invalid --dns-tsig-key-file '/none"),
     ],
 )

@@ -10,7 +10,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import VmState
+from vmfabric.services.checks import Checker, check_status, run_checks
 from vmfabric.services.context import Controller
 from vmfabric.store.tables import (
     Allocation,
@@ -41,6 +43,12 @@ GROUP_OPERATIONS = Counter(
     "vmfabric_group_operations",
     "Blocks and unblocks of groups and images, by outcome",
     ["operation", "outcome"],
+    registry=registry,
+)
+CHECK_SWEEP_SECONDS = Histogram(
+    "vmfabric_check_sweep_seconds",
+    "Time to check the running VMs through their guest agents, one sweep",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
     registry=registry,
 )
 LEASE_EVENTS = Counter(
@@ -101,6 +109,26 @@ class StateCollector(Collector):
         yield vms
         yield blocks
         yield registered
+        yield from _check_states(self._ctl)
+
+
+def _check_states(ctl: Controller) -> Iterator[GaugeMetricFamily]:
+    """The latest check of each VM: 1 on the state it is in, so alerts can match on it."""
+    agent = GaugeMetricFamily(
+        "vmfabric_check_agent", "Guest agent state at the last check", labels=["vm", "state"]
+    )
+    reach = GaugeMetricFamily(
+        "vmfabric_check_reach",
+        "Gateway and outside reachability of each NIC at the last check",
+        labels=["vm", "mac", "target", "state"],
+    )
+    for result in check_status(ctl):
+        agent.add_metric([result.vm, result.agent.value], 1)
+        for nic in result.nics:
+            reach.add_metric([result.vm, nic.mac, "gateway", nic.gateway.value], 1)
+            reach.add_metric([result.vm, nic.mac, "external", nic.external.value], 1)
+    yield agent
+    yield reach
 
 
 def _registered(session: Session, table: type[Lease] | type[GuestAddress]) -> int:
@@ -111,6 +139,12 @@ def _registered(session: Session, table: type[Lease] | type[GuestAddress]) -> in
     else:
         query = query.join(GuestAddress, GuestAddress.nic_id == Nic.id)
     return int(session.scalar(query.where(Vm.state == VmState.RUNNING.value)) or 0)
+
+
+def timed_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list[CheckResult]:
+    """`run_checks`, its duration observed (periodic sweeps and `check run` alike)."""
+    with CHECK_SWEEP_SECONDS.time():
+        return run_checks(ctl, checker, vm)
 
 
 def exposition(ctl: Controller) -> bytes:

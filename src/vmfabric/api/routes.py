@@ -15,7 +15,13 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import Counter
 
 from vmfabric import __version__
-from vmfabric.api.metrics import GROUP_OPERATIONS, VM_CREATE_SECONDS, VM_OPERATIONS, exposition
+from vmfabric.api.metrics import (
+    GROUP_OPERATIONS,
+    VM_CREATE_SECONDS,
+    VM_OPERATIONS,
+    exposition,
+    timed_checks,
+)
 from vmfabric.api.schemas import AddressIn, BlockIn, CheckRunIn, HostIn, NetworkIn, UnblockIn, VmIn
 from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import LeaseEvent
@@ -152,7 +158,7 @@ def start_vm(request: Request, name: str) -> VmView:
 @router.post("/checks/run")
 def run_checks(request: Request, body: CheckRunIn) -> list[CheckResult]:
     """Check every running VM (or one) through its guest agent now; the results."""
-    return checks.run_checks(_ctl(request), request.app.state.checker, body.vm)
+    return timed_checks(_ctl(request), request.app.state.checker, body.vm)
 
 
 @router.get("/checks")

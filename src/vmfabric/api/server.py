@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 import uvloop
@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from vmfabric import config
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
-from vmfabric.api.metrics import LEASE_EVENTS
+from vmfabric.api.metrics import LEASE_EVENTS, timed_checks
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
 from vmfabric.dns.keyfile import TsigKey
@@ -23,6 +23,7 @@ from vmfabric.domain.dns_records import absolute
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
+from vmfabric.services.checks import Checker, CheckSettings
 from vmfabric.services.context import Controller
 from vmfabric.services.guest_addresses import sweep_guest_addresses
 from vmfabric.services.leases import record_lease_event
@@ -50,6 +51,8 @@ class ServeOptions:
     zone: str = config.DEFAULT_ZONE
     dns_secondaries: tuple[tuple[str, int], ...] = ()
     dns_key: TsigKey | None = None
+    checks: CheckSettings = field(default_factory=CheckSettings)
+    check_interval_s: float = 60.0
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -75,13 +78,18 @@ def build_app(options: ServeOptions) -> FastAPI:
     """The controller's app, reconciled with the world and listening for lease events."""
     ctl = build_controller(options.db_url, options.lab)
     reconcile(ctl)
-    background = _background(ctl, options)
-    return create_app(ctl, lab=options.lab, token=options.token, background=background)
+    checker = Checker(options.checks)
+    background = _background(ctl, options, checker)
+    return create_app(
+        ctl, lab=options.lab, token=options.token, background=background, checker=checker
+    )
 
 
-def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable[[], None]]:
-    """The lease listener, the DNS server and the sweep of guest addresses, started with the
-    app and stopped after it."""
+def _background(
+    ctl: Controller, options: ServeOptions, checker: Checker
+) -> Callable[[], Callable[[], None]]:
+    """The lease listener, the DNS server, the sweep of guest addresses and the periodic
+    connectivity checks, started with the app and stopped after it."""
 
     def on_event(event: LeaseEvent) -> None:
         changed = record_lease_event(ctl, event)
@@ -92,8 +100,14 @@ def _background(ctl: Controller, options: ServeOptions) -> Callable[[], Callable
         listener = LeaseEventListener(config.lease_socket(), on_event)
         listener.start()
         sweeps = _every(GUEST_SWEEP_S, lambda: sweep_guest_addresses(ctl), "guest-sweep")
+        checks = (
+            _every(options.check_interval_s, lambda: timed_checks(ctl, checker), "checks")
+            if options.check_interval_s > 0
+            else lambda: None
+        )
 
         def stop() -> None:
+            checks()
             sweeps()
             listener.close()
             if names is not None:

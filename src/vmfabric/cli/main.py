@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,6 +16,7 @@ from vmfabric.cli.output import fail
 
 if TYPE_CHECKING:
     from vmfabric.dns.keyfile import TsigKey
+    from vmfabric.services.checks import CheckSettings
 
 app = typer.Typer(
     help="vmfabric: the network control plane of a KVM/libvirt cloud.",
@@ -64,6 +66,26 @@ def serve(
             help="A secondary DNS server HOST:PORT told of every new serial (NOTIFY); repeatable.",
         ),
     ] = None,
+    check_interval: Annotated[
+        float,
+        typer.Option(
+            "--check-interval", help="Seconds between connectivity checks of all VMs; 0: none."
+        ),
+    ] = 60.0,
+    check_target: Annotated[
+        str,
+        typer.Option("--check-target", help="Outside address VMs on external networks ping."),
+    ] = "203.0.113.1",
+    check_concurrency: Annotated[
+        int, typer.Option("--check-concurrency", help="VMs checked at once.")
+    ] = 32,
+    check_deadline: Annotated[
+        float,
+        typer.Option("--check-deadline", help="Seconds a VM's check may take; then unreachable."),
+    ] = 6.0,
+    check_keep: Annotated[
+        float, typer.Option("--check-keep", help="Days of check history kept.")
+    ] = 7.0,
     dns_tsig_key_file: Annotated[
         Path | None,
         typer.Option(
@@ -82,6 +104,9 @@ def serve(
     dns = None if dns_text == "off" else _ip_address("--dns-listen", dns_text)
     secondaries = tuple(_ip_address("--dns-secondary", s) for s in dns_secondary or [])
     key = _tsig_key(dns_tsig_key_file) if dns_tsig_key_file is not None else None
+    checks = _check_settings(check_target, check_concurrency, check_deadline, check_keep)
+    if check_interval < 0:
+        fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
     if dns is not None:
         _require_free(dns)
     if cpu is not None:
@@ -100,6 +125,8 @@ def serve(
             zone=zone,
             dns_secondaries=secondaries,
             dns_key=key,
+            checks=checks,
+            check_interval_s=check_interval,
         )
     )
 
@@ -112,6 +139,30 @@ def _ip_address(option: str, text: str) -> tuple[str, int]:
     except ValueError:
         fail(f"invalid {option} {text!r}: {host!r} is not an IP address", 2)
     return host, port
+
+
+def _check_settings(target: str, concurrency: int, deadline: float, keep: float) -> CheckSettings:
+    """The checks' settings, or exit 2 naming the option that is wrong."""
+    from vmfabric.domain.checks import check_external_target
+    from vmfabric.domain.errors import InvalidInput
+    from vmfabric.services.checks import CheckSettings
+
+    try:
+        external = check_external_target(target)
+    except InvalidInput as error:
+        fail(f"invalid --check-target: {error.detail}", 2)
+    if concurrency < 1:
+        fail(f"invalid --check-concurrency {concurrency}: at least 1", 2)
+    if not 1 <= deadline <= 300:
+        fail(f"invalid --check-deadline {deadline:g}: between 1 and 300 seconds", 2)
+    if keep <= 0:
+        fail(f"invalid --check-keep {keep:g}: days, more than 0", 2)
+    return CheckSettings(
+        external_target=external,
+        concurrency=concurrency,
+        vm_deadline_s=deadline,
+        keep=timedelta(days=keep),
+    )
 
 
 def _tsig_key(path: Path) -> TsigKey:

@@ -9,6 +9,8 @@ Everything before that byte is stale, and so is every answer until the one retur
 
 qemu-ga serves one connection at a time: while another client holds the channel, a new one
 connects but gets no answer, so `connect` then fails with `AgentUnreachable` at its timeout.
+Within this process, clients of one channel therefore take turns: `connect` waits (within its
+timeout) until the channel's previous client of this process closed.
 
 The guest is not trusted: one answer may hold at most `MAX_MESSAGE` characters, a call never
 waits longer than its timeout, and answers are checked before they become typed values.
@@ -24,6 +26,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -49,6 +52,8 @@ MAX_MESSAGE = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 """Bytes read at once: large, so a big answer is parsed a few times, not once per 64 KiB."""
 JSON_WHITESPACE = " \t\r\n"
+CHANNEL_POLL_S = 0.005
+"""How often a client waiting for its turn on a channel looks again."""
 EXEC_POLL_FIRST = 0.02
 EXEC_POLL_MAX = 0.2
 """Seconds between asking whether a program ended: soon at first (a ping answered at once
@@ -150,26 +155,56 @@ async def _reaching(what: str, timeout: float) -> AsyncIterator[None]:
         raise AgentUnreachable(f"{what}: {err}") from err
 
 
+_CHANNELS: dict[str, threading.Lock] = {}
+_CHANNELS_GUARD = threading.Lock()
+
+
+def _channel(path: str) -> threading.Lock:
+    """The lock of one agent channel in this process (threads run checks and sweeps apart)."""
+    with _CHANNELS_GUARD:
+        return _CHANNELS.setdefault(path, threading.Lock())
+
+
+async def _take_turn(channel: threading.Lock) -> None:
+    """Wait for the channel without holding up the event loop."""
+    while not channel.acquire(blocking=False):
+        await asyncio.sleep(CHANNEL_POLL_S)
+
+
 class QgaClient:
     """One connection to a guest agent. Calls are serialized: QGA answers in order, untagged."""
 
-    def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(
+        self,
+        path: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        channel: threading.Lock,
+    ):
         self.path = path
         self._writer = writer
         self._replies = _Replies(reader)
         self._lock = asyncio.Lock()
         self._in_sync = False
+        self._channel: threading.Lock | None = channel
 
     @classmethod
     async def connect(cls, path: str, *, timeout: float = 2.0) -> QgaClient:
-        """Open the agent's socket and sync with it, both within `timeout` seconds."""
+        """Open the agent's socket and sync with it, both within `timeout` seconds (waiting
+        for this process's previous client of the channel included)."""
+        channel = _channel(path)
         async with _reaching(f"cannot reach the guest agent at {path}", timeout):
-            reader, writer = await asyncio.open_unix_connection(path, limit=READ_SIZE)
-            client = cls(path, reader, writer)
+            await _take_turn(channel)
             try:
-                await client._sync()
+                reader, writer = await asyncio.open_unix_connection(path, limit=READ_SIZE)
+                client = cls(path, reader, writer, channel)
+                try:
+                    await client._sync()
+                except BaseException:
+                    writer.close()
+                    raise
             except BaseException:
-                writer.close()
+                channel.release()
                 raise
         return client
 
@@ -178,6 +213,9 @@ class QgaClient:
         self._writer.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.release()
 
     async def __aenter__(self) -> QgaClient:
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
@@ -145,13 +146,19 @@ class Checker:
         return found
 
 
+_SWEEPING = threading.Lock()
+
+
 def run_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list[CheckResult]:
     """Check every running VM (or one), store the results, drop old history; the results.
 
-    Raises NotFound for a VM that does not exist or does not run.
+    One run at a time (an operator's `check run` waits for a periodic sweep under way), so
+    that a VM is never checked twice at once. Raises NotFound for a VM that does not exist
+    or does not run.
     """
     targets = _targets(ctl, vm)
-    results = asyncio.run(checker.check_all(targets))
+    with _SWEEPING:
+        results = asyncio.run(checker.check_all(targets))
     _store(ctl, results, checker.settings.keep)
     return results
 
