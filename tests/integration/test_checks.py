@@ -189,5 +189,12 @@ def test_run_status_and_history_through_the_api(
     history = api.get("/api/v1/checks/win1/history").json()
     assert [h["nics"][0]["external"] for h in history] == ["ok", "broken"]
     assert api.get("/api/v1/checks").json()[0]["vm"] == "win1"
+    metrics = api.get("/metrics").text
+    assert 'vmfabric_check_agent{state="ok",vm="win1"} 1.0' in metrics
+    assert (
+        f'vmfabric_check_reach{{mac="{nic["mac"]}",state="ok",target="external",vm="win1"}} 1.0'
+        in metrics
+    )
+    assert "vmfabric_check_sweep_seconds_count" in metrics
     assert api.post("/api/v1/checks/run", json={"vm": "nope"}).status_code == 404
     assert api.get("/api/v1/checks/nope/history").status_code == 404
