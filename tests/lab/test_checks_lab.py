@@ -8,43 +8,29 @@ the healthy one.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from vmfabric.cli.client import ApiClient
-from vmfabric.lab import faults, lifecycle
-from vmfabric.lab.testing import state_dir_env, wait_for_ipv4
+from vmfabric.lab import faults
+from vmfabric.lab.testing import controller_lab, wait_for_ipv4
 
 pytestmark = pytest.mark.lab
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
-def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiClient]:
+def cloud() -> Iterator[ApiClient]:
     """Two hosts; `out1` on an external network (hv1), `in1` on an internal one (hv2)."""
-    url = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("VMFABRIC_URL", url)
-    monkeypatch.setenv("VMFABRIC_DNS_LISTEN", f"127.0.0.1:{free_port()}")
-    with state_dir_env():
-        try:
-            lifecycle.up(2)
-            api = ApiClient(url)
-            api.post("/networks", {"name": "ext", "cidrs": ["10.67.0.0/24"], "kind": "external"})
-            api.post("/networks", {"name": "int", "cidrs": ["10.68.0.0/24"], "kind": "internal"})
-            for name, host, network in (("out1", "hv1", "ext"), ("in1", "hv2", "int")):
-                api.post("/vms", {"name": name, "host": host, "nics": [{"network": network}]})
-                assert wait_for_ipv4(name), name
-            yield api
-        finally:
-            lifecycle.down()
+    with controller_lab(2) as lab:
+        api = ApiClient(lab.url)
+        api.post("/networks", {"name": "ext", "cidrs": ["10.67.0.0/24"], "kind": "external"})
+        api.post("/networks", {"name": "int", "cidrs": ["10.68.0.0/24"], "kind": "internal"})
+        for name, host, network in (("out1", "hv1", "ext"), ("in1", "hv2", "int")):
+            api.post("/vms", {"name": name, "host": host, "nics": [{"network": network}]})
+            assert wait_for_ipv4(name), name
+        yield api
 
 
 def states(api: ApiClient, vm: str) -> tuple[str, str, str, str]:

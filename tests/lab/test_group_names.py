@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from vmfabric.cli.client import ApiClient
 from vmfabric.domain.quarantine import QUARANTINE_KIND, QUARANTINE_MASK
 from vmfabric.lab import lifecycle
 from vmfabric.lab.ovs import switch_access
-from vmfabric.lab.testing import dig_short, pings, state_dir_env, wait_for_ipv4
+from vmfabric.lab.testing import controller_lab, dig_short, pings, wait_for_ipv4
 
 pytestmark = pytest.mark.lab
 
@@ -35,31 +34,18 @@ VMS = {  # name: (host, image)
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
-def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ApiClient, int]]:
+def cloud() -> Iterator[tuple[ApiClient, int]]:
     """A two-host lab with its controller (API and DNS on free ports), one external network
     and the VMs of `VMS` holding their leases; the API client and the DNS port."""
-    url, dns = f"http://127.0.0.1:{free_port()}", free_port()
-    monkeypatch.setenv("VMFABRIC_URL", url)
-    monkeypatch.setenv("VMFABRIC_DNS_LISTEN", f"127.0.0.1:{dns}")
-    with state_dir_env():
-        try:
-            lifecycle.up(2)
-            api = ApiClient(url)
-            api.post("/networks", {"name": "ext", "cidrs": ["10.64.0.0/24"], "kind": "external"})
-            for name, (host, image) in VMS.items():
-                create(api, name, host, image)
-            for name in VMS:
-                assert wait_for_ipv4(name), name
-            yield api, dns
-        finally:
-            lifecycle.down()
+    with controller_lab(2) as lab:
+        api = ApiClient(lab.url)
+        api.post("/networks", {"name": "ext", "cidrs": ["10.64.0.0/24"], "kind": "external"})
+        for name, (host, image) in VMS.items():
+            create(api, name, host, image)
+        for name in VMS:
+            assert wait_for_ipv4(name), name
+        yield api, lab.dns_port
 
 
 def create(api: ApiClient, name: str, host: str, image: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 
@@ -13,28 +12,16 @@ import pytest
 
 from vmfabric.cli.client import ApiClient, CliError
 from vmfabric.lab import lifecycle
-from vmfabric.lab.testing import state_dir_env
+from vmfabric.lab.testing import controller_lab
 
 pytestmark = pytest.mark.lab
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
-def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiClient]:
-    """A two-host lab with its own controller (started by `lab up`) on a free port."""
-    url = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("VMFABRIC_URL", url)
-    with state_dir_env():
-        try:
-            lifecycle.up(2)
-            yield ApiClient(url)
-        finally:
-            lifecycle.down()
+def cloud() -> Iterator[ApiClient]:
+    """A two-host lab with its own controller (started by `lab up`) on free ports."""
+    with controller_lab(2) as lab:
+        yield ApiClient(lab.url)
 
 
 def address_in_vm(vm: str, device: str = "eth0") -> str | None:

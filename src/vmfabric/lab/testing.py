@@ -55,6 +55,37 @@ def state_dir_env() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class ControllerLab:
+    """A lab with its own controller: where its API and its DNS server answer."""
+
+    url: str
+    dns_port: int
+
+
+@contextmanager
+def controller_lab(hosts: int = 2) -> Iterator[ControllerLab]:
+    """A lab whose controller (started by `lab up`) answers its API and DNS on free ports of
+    its own, in its own state directory; `down` runs even on failure."""
+    lab = ControllerLab(f"http://127.0.0.1:{free_port()}", free_port())
+    wanted = {"VMFABRIC_URL": lab.url, "VMFABRIC_DNS_LISTEN": f"127.0.0.1:{lab.dns_port}"}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        with state_dir_env():
+            try:
+                lifecycle.up(hosts)
+                yield lab
+            finally:
+                lifecycle.down()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def temporary_lab(hosts: int = 2) -> Iterator[Path]:
     """A lab without controller in its own state directory; `down` runs even on failure."""
