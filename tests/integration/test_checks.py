@@ -18,7 +18,7 @@ from vmfabric.domain.checks import AgentState, GuestOs, NicFacts, Reach
 from vmfabric.domain.model import NetworkKind
 from vmfabric.guest.double import WindowsAgent, windows_agent
 from vmfabric.hypervisor.noop import NoopHypervisor
-from vmfabric.services.checks import Checker, CheckSettings, CheckTarget
+from vmfabric.services.checks import CheckChange, Checker, CheckSettings, CheckTarget
 from vmfabric.services.context import Controller, HostRef
 
 GATEWAY = "10.0.0.1"
@@ -166,7 +166,8 @@ def test_run_status_and_history_through_the_api(
 ) -> None:
     loop, sockets = agents
     controller.agents = Agents(AgentHypervisor(sockets))  # type: ignore[assignment]
-    api = TestClient(create_app(controller, checker=Checker(settings())))
+    changes: list[CheckChange] = []
+    api = TestClient(create_app(controller, checker=Checker(settings(), on_change=changes.append)))
     api.post("/api/v1/hosts", json={"name": "hv1", "driver": "noop", "bridge": "br0"})
     api.post(
         "/api/v1/networks",
@@ -183,11 +184,19 @@ def test_run_status_and_history_through_the_api(
     assert ran["nics"] == [
         {"mac": nic["mac"], "ipv4": nic["ipv4"], "gateway": "ok", "external": "broken"}
     ]
+    assert changes == []  # a first check is no change
     agent.reachable.add(OUTSIDE)
     api.post("/api/v1/checks/run", json={"vm": "win1"})
+    api.post("/api/v1/checks/run", json={"vm": "win1"})  # the same again: no change
+    (change,) = changes
+    assert change.vm == "win1"
+    assert (change.previous.nics[0].external, change.current.nics[0].external) == (
+        Reach.BROKEN,
+        Reach.OK,
+    )
     assert api.get("/api/v1/checks/win1").json()["nics"][0]["external"] == "ok"
     history = api.get("/api/v1/checks/win1/history").json()
-    assert [h["nics"][0]["external"] for h in history] == ["ok", "broken"]
+    assert [h["nics"][0]["external"] for h in history] == ["ok", "ok", "broken"]
     assert api.get("/api/v1/checks").json()[0]["vm"] == "win1"
     metrics = api.get("/metrics").text
     assert 'vmfabric_check_agent{state="ok",vm="win1"} 1.0' in metrics

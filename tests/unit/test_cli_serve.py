@@ -34,6 +34,8 @@ def serve(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
         (["--check-target", "example.com"], "error: invalid --check-target: invalid external"),
         (["--check-deadline", "0"], "error: invalid --check-deadline 0: between 1 and 300"),
         (["--check-interval", "-1"], "error: invalid --check-interval -1"),
+        (["--webhook", "http://hooks.example/x"], "error: --webhook needs --webhook-secret-file"),
+        (["--webhook", "ftp://x"], "error: invalid --webhook 'ftp://x'"),
         (["--dns-tsig-key-file", "/nonexistent"], "error: invalid --dns-tsig-key-file '/none"),
     ],
 )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import uvicorn
 import uvloop
 from fastapi import FastAPI
+from pydantic import TypeAdapter
 
 from vmfabric import config
 from vmfabric.agent.registry import LocalAgents
@@ -19,11 +20,12 @@ from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
 from vmfabric.dns.keyfile import TsigKey
 from vmfabric.dns.server import DnsServer, ServerThread
+from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.dns_records import absolute
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
-from vmfabric.services.checks import Checker, CheckSettings
+from vmfabric.services.checks import CheckChange, Checker, CheckSettings
 from vmfabric.services.context import Controller
 from vmfabric.services.guest_addresses import sweep_guest_addresses
 from vmfabric.services.leases import record_lease_event
@@ -31,9 +33,12 @@ from vmfabric.services.reconcile import reconcile
 from vmfabric.services.registrations import NamePublisher
 from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.group_commit import GroupCommitter
+from vmfabric.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
+CHECK_CHANGED = "vm.check.changed"
+_RESULT_JSON = TypeAdapter(CheckResult)
 GUEST_SWEEP_S = 10.0
 """How often the guest agents are asked for the addresses guests configured themselves."""
 
@@ -53,6 +58,8 @@ class ServeOptions:
     dns_key: TsigKey | None = None
     checks: CheckSettings = field(default_factory=CheckSettings)
     check_interval_s: float = 60.0
+    webhooks: tuple[str, ...] = ()
+    webhook_secret: bytes = b""
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -78,15 +85,29 @@ def build_app(options: ServeOptions) -> FastAPI:
     """The controller's app, reconciled with the world and listening for lease events."""
     ctl = build_controller(options.db_url, options.lab)
     reconcile(ctl)
-    checker = Checker(options.checks)
-    background = _background(ctl, options, checker)
+    sender = WebhookSender(options.webhooks, options.webhook_secret)
+    checker = Checker(options.checks, on_change=lambda change: _announce(sender, change))
+    background = _background(ctl, options, checker, sender)
     return create_app(
         ctl, lab=options.lab, token=options.token, background=background, checker=checker
     )
 
 
+def _announce(sender: WebhookSender, change: CheckChange) -> None:
+    """A change of a VM's check state, as the webhook document `vm.check.changed`."""
+    sender.send(
+        CHECK_CHANGED,
+        {
+            "event": CHECK_CHANGED,
+            "vm": change.vm,
+            "previous": _RESULT_JSON.dump_python(change.previous, mode="json"),
+            "current": _RESULT_JSON.dump_python(change.current, mode="json"),
+        },
+    )
+
+
 def _background(
-    ctl: Controller, options: ServeOptions, checker: Checker
+    ctl: Controller, options: ServeOptions, checker: Checker, sender: WebhookSender
 ) -> Callable[[], Callable[[], None]]:
     """The lease listener, the DNS server, the sweep of guest addresses and the periodic
     connectivity checks, started with the app and stopped after it."""
@@ -108,6 +129,7 @@ def _background(
 
         def stop() -> None:
             checks()
+            sender.close()
             sweeps()
             listener.close()
             if names is not None:

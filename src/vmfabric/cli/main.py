@@ -86,6 +86,14 @@ def serve(
     check_keep: Annotated[
         float, typer.Option("--check-keep", help="Days of check history kept.")
     ] = 7.0,
+    webhook: Annotated[
+        list[str] | None,
+        typer.Option("--webhook", help="URL told of every change of a VM's check; repeatable."),
+    ] = None,
+    webhook_secret_file: Annotated[
+        Path | None,
+        typer.Option("--webhook-secret-file", help="Secret the webhooks are signed with (HMAC)."),
+    ] = None,
     dns_tsig_key_file: Annotated[
         Path | None,
         typer.Option(
@@ -105,6 +113,7 @@ def serve(
     secondaries = tuple(_ip_address("--dns-secondary", s) for s in dns_secondary or [])
     key = _tsig_key(dns_tsig_key_file) if dns_tsig_key_file is not None else None
     checks = _check_settings(check_target, check_concurrency, check_deadline, check_keep)
+    urls, secret = _webhooks(webhook or [], webhook_secret_file)
     if check_interval < 0:
         fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
     if dns is not None:
@@ -127,6 +136,8 @@ def serve(
             dns_key=key,
             checks=checks,
             check_interval_s=check_interval,
+            webhooks=urls,
+            webhook_secret=secret,
         )
     )
 
@@ -163,6 +174,24 @@ def _check_settings(target: str, concurrency: int, deadline: float, keep: float)
         vm_deadline_s=deadline,
         keep=timedelta(days=keep),
     )
+
+
+def _webhooks(urls: list[str], secret_file: Path | None) -> tuple[tuple[str, ...], bytes]:
+    """The webhook URLs and their signing secret, or exit 2 saying what is missing."""
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            fail(f"invalid --webhook {url!r}: expected an http:// or https:// URL", 2)
+    if urls and secret_file is None:
+        fail("--webhook needs --webhook-secret-file: webhooks are always signed", 2)
+    if secret_file is None:
+        return (), b""
+    try:
+        secret = secret_file.read_bytes().strip()
+    except OSError as error:
+        fail(f"invalid --webhook-secret-file {str(secret_file)!r}: {error.strerror}", 2)
+    if len(secret) < 16:
+        fail("invalid --webhook-secret-file: the secret needs at least 16 bytes", 2)
+    return tuple(urls), secret
 
 
 def _tsig_key(path: Path) -> TsigKey:

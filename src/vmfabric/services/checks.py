@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -70,11 +70,24 @@ class CheckTarget:
     nics: list[NicFacts]
 
 
-class Checker:
-    """Checks VMs through their agents, remembering each VM's OS between sweeps."""
+@dataclass(frozen=True)
+class CheckChange:
+    """A VM whose state (OS, agent, any NIC's reachability) differs from its last check."""
 
-    def __init__(self, settings: CheckSettings) -> None:
+    vm: str
+    previous: CheckResult
+    current: CheckResult
+
+
+class Checker:
+    """Checks VMs through their agents, remembering each VM's OS between sweeps; tells
+    `on_change` of every VM whose state changed (not of a VM's first check)."""
+
+    def __init__(
+        self, settings: CheckSettings, on_change: Callable[[CheckChange], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.on_change = on_change
         self._os: dict[str, GuestOs] = {}
 
     async def check_all(self, targets: Collection[CheckTarget]) -> list[CheckResult]:
@@ -159,7 +172,10 @@ def run_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list
     targets = _targets(ctl, vm)
     with _SWEEPING:
         results = asyncio.run(checker.check_all(targets))
-    _store(ctl, results, checker.settings.keep)
+        changes = _store(ctl, results, checker.settings.keep)
+    if checker.on_change is not None:
+        for change in changes:
+            checker.on_change(change)
     return results
 
 
@@ -215,7 +231,14 @@ def _facts(nic: Nic, mac: str) -> NicFacts:
     )
 
 
-def _store(ctl: Controller, results: list[CheckResult], keep: timedelta) -> None:
+def _store(ctl: Controller, results: list[CheckResult], keep: timedelta) -> list[CheckChange]:
+    """Store the results; the VMs whose state differs from their previous result."""
+    before = {r.vm: r for r in check_status(ctl)} if results else {}
+    changes = [
+        CheckChange(result.vm, before[result.vm], result)
+        for result in results
+        if result.vm in before and _state(before[result.vm]) != _state(result)
+    ]
     with ctl.uow() as uow:
         session = uow.session
         for result in results:
@@ -231,6 +254,13 @@ def _store(ctl: Controller, results: list[CheckResult], keep: timedelta) -> None
             )
         session.execute(delete(Check).where(Check.checked_at < utcnow() - keep))
         uow.commit()
+    return changes
+
+
+def _state(result: CheckResult) -> tuple[object, ...]:
+    """What a change of state is judged by: not the time or the wording of `detail`."""
+    nics = tuple((nic.mac, nic.gateway, nic.external) for nic in result.nics)
+    return (result.os, result.agent, nics)
 
 
 def _nic_json(nic: NicResult) -> dict[str, str | None]:

@@ -1,0 +1,95 @@
+"""Webhooks over real HTTP: signed, retried with backoff on 5xx, given up on other 4xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from vmfabric.webhooks import WebhookSender, signature
+
+SECRET = b"a-shared-secret-of-32-bytes-....."
+
+
+class Receiver(ThreadingHTTPServer):
+    """Answers each POST with the next status of `statuses` (then 200), keeping what came."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.statuses = statuses
+        self.received: list[tuple[dict[str, str], bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append((dict(self.headers), body))
+        status = self.server.statuses.pop(0) if self.server.statuses else 200
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    server = Receiver(list(request.param))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_for(check: object, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("receiver", [[503, 500]], indirect=True)
+def test_a_failing_receiver_gets_the_same_signed_delivery_again(receiver: Receiver) -> None:
+    sender = WebhookSender([receiver.url], SECRET)
+    sender.send("vm.check.changed", {"vm": "web1", "current": {"agent": "unreachable"}})
+    wait_for(lambda: len(receiver.received) == 3)
+    sender.close()
+    assert len(receiver.received) == 3  # two failures, then delivered
+    deliveries = {headers["X-Vmfabric-Delivery"] for headers, _ in receiver.received}
+    assert len(deliveries) == 1
+    headers, body = receiver.received[-1]
+    assert headers["X-Vmfabric-Event"] == "vm.check.changed"
+    assert json.loads(body) == {"vm": "web1", "current": {"agent": "unreachable"}}
+    stamp = int(headers["X-Vmfabric-Signature"].split(",")[0].removeprefix("t="))
+    assert headers["X-Vmfabric-Signature"] == signature(SECRET, stamp, body)
+    assert abs(stamp - time.time()) < 30
+    assert headers["X-Vmfabric-Signature"] != signature(b"another secret", stamp, body)
+
+
+@pytest.mark.parametrize("receiver", [[400]], indirect=True)
+def test_a_refusing_receiver_is_not_asked_again(receiver: Receiver) -> None:
+    sender = WebhookSender([receiver.url], SECRET)
+    sender.send("vm.check.changed", {"vm": "web1"})
+    sender.send("vm.check.changed", {"vm": "web2"})
+    wait_for(lambda: len(receiver.received) == 2)
+    sender.close()
+    assert [json.loads(body)["vm"] for _, body in receiver.received] == ["web1", "web2"]
+
+
+def test_an_unreachable_receiver_is_given_up_after_the_delivery_time() -> None:
+    sender = WebhookSender(["http://127.0.0.1:9/nothing"], SECRET, max_delivery_s=1.0)
+    started = time.monotonic()
+    sender.send("vm.check.changed", {"vm": "web1"})
+    sender.close(timeout=10)
+    assert time.monotonic() - started < 5
