@@ -31,6 +31,18 @@ def dns_listen() -> str:
     return os.environ.get("VMFABRIC_DNS_LISTEN", DEFAULT_DNS_LISTEN)
 
 
+def webhooks() -> list[str]:
+    """Webhook URLs of `serve` unless given as options (`VMFABRIC_WEBHOOKS`, space-separated),
+    so a controller started by the lab can have them."""
+    return os.environ.get("VMFABRIC_WEBHOOKS", "").split()
+
+
+def webhook_secret_file() -> Path | None:
+    """The file with the webhooks' signing secret (`VMFABRIC_WEBHOOK_SECRET_FILE`)."""
+    found = os.environ.get("VMFABRIC_WEBHOOK_SECRET_FILE")
+    return Path(found) if found else None
+
+
 def api_token() -> str | None:
     """Bearer token sent by the CLI, when the operator set one."""
     return os.environ.get("VMFABRIC_TOKEN") or None

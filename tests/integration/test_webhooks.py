@@ -3,54 +3,21 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from vmfabric.lab.testing import WebhookReceiver
 from vmfabric.webhooks import WebhookSender, signature
 
 SECRET = b"a-shared-secret-of-32-bytes-....."
 
 
-class Receiver(ThreadingHTTPServer):
-    """Answers each POST with the next status of `statuses` (then 200), keeping what came."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.statuses = statuses
-        self.received: list[tuple[dict[str, str], bytes]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.received.append((dict(self.headers), body))
-        status = self.server.statuses.pop(0) if self.server.statuses else 200
-        self.send_response(status)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    server = Receiver(list(request.param))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+def receiver(request: pytest.FixtureRequest) -> Iterator[WebhookReceiver]:
+    with WebhookReceiver(list(request.param)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def wait_for(check: object, seconds: float = 10.0) -> None:
@@ -60,7 +27,7 @@ def wait_for(check: object, seconds: float = 10.0) -> None:
 
 
 @pytest.mark.parametrize("receiver", [[503, 500]], indirect=True)
-def test_a_failing_receiver_gets_the_same_signed_delivery_again(receiver: Receiver) -> None:
+def test_a_failing_receiver_gets_the_same_signed_delivery_again(receiver: WebhookReceiver) -> None:
     sender = WebhookSender([receiver.url], SECRET)
     sender.send("vm.check.changed", {"vm": "web1", "current": {"agent": "unreachable"}})
     wait_for(lambda: len(receiver.received) == 3)
@@ -78,7 +45,7 @@ def test_a_failing_receiver_gets_the_same_signed_delivery_again(receiver: Receiv
 
 
 @pytest.mark.parametrize("receiver", [[400]], indirect=True)
-def test_a_refusing_receiver_is_not_asked_again(receiver: Receiver) -> None:
+def test_a_refusing_receiver_is_not_asked_again(receiver: WebhookReceiver) -> None:
     sender = WebhookSender([receiver.url], SECRET)
     sender.send("vm.check.changed", {"vm": "web1"})
     sender.send("vm.check.changed", {"vm": "web2"})

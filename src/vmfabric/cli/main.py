@@ -88,11 +88,19 @@ def serve(
     ] = 7.0,
     webhook: Annotated[
         list[str] | None,
-        typer.Option("--webhook", help="URL told of every change of a VM's check; repeatable."),
+        typer.Option(
+            "--webhook",
+            help="URL told of every change of a VM's check; repeatable (default: "
+            "$VMFABRIC_WEBHOOKS).",
+        ),
     ] = None,
     webhook_secret_file: Annotated[
         Path | None,
-        typer.Option("--webhook-secret-file", help="Secret the webhooks are signed with (HMAC)."),
+        typer.Option(
+            "--webhook-secret-file",
+            help="Secret the webhooks are signed with, HMAC (default: "
+            "$VMFABRIC_WEBHOOK_SECRET_FILE).",
+        ),
     ] = None,
     dns_tsig_key_file: Annotated[
         Path | None,
@@ -113,7 +121,9 @@ def serve(
     secondaries = tuple(_ip_address("--dns-secondary", s) for s in dns_secondary or [])
     key = _tsig_key(dns_tsig_key_file) if dns_tsig_key_file is not None else None
     checks = _check_settings(check_target, check_concurrency, check_deadline, check_keep)
-    urls, secret = _webhooks(webhook or [], webhook_secret_file)
+    urls, secret = _webhooks(
+        webhook or config.webhooks(), webhook_secret_file or config.webhook_secret_file()
+    )
     if check_interval < 0:
         fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
     if dns is not None:

@@ -64,11 +64,13 @@ class ControllerLab:
 
 
 @contextmanager
-def controller_lab(hosts: int = 2) -> Iterator[ControllerLab]:
-    """A lab whose controller (started by `lab up`) answers its API and DNS on free ports of
-    its own, in its own state directory; `down` runs even on failure."""
+def controller_lab(hosts: int = 2, env: dict[str, str] | None = None) -> Iterator[ControllerLab]:
+    """A lab whose controller (started by `lab up`, with `env` added to its environment)
+    answers its API and DNS on free ports of its own, in its own state directory; `down`
+    runs even on failure."""
     lab = ControllerLab(f"http://127.0.0.1:{free_port()}", free_port())
     wanted = {"VMFABRIC_URL": lab.url, "VMFABRIC_DNS_LISTEN": f"127.0.0.1:{lab.dns_port}"}
+    wanted |= env or {}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     try:
@@ -324,3 +326,45 @@ def _serve_fake_controller(listen: str) -> None:
 
 if __name__ == "__main__":
     _serve_fake_controller(sys.argv[-1])
+
+
+class WebhookReceiver(ThreadingHTTPServer):
+    """A webhook receiver on loopback: answers each POST with the next of `statuses` (then
+    200) and keeps the headers and body of every request, in order."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _WebhookHandler)
+        self.statuses = list(statuses or [])
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Where it takes webhooks."""
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+    def documents(self) -> list[Any]:
+        """The JSON bodies received so far."""
+        return [json.loads(body) for _, body in self.received]
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _WebhookHandler(BaseHTTPRequestHandler):
+    server: WebhookReceiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.received.append((dict(self.headers), body))
+        status = self.server.statuses.pop(0) if self.server.statuses else 200
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: tests look at `received`."""
