@@ -28,6 +28,7 @@ from vmfabric.guest import (
     GuestInterface,
     ProgramTimeout,
 )
+from vmfabric.guest.double import serving
 from vmfabric.guest.qga import MAX_MESSAGE, QgaClient
 
 pytestmark = pytest.mark.anyio
@@ -137,12 +138,8 @@ class FakeAgent:
 @asynccontextmanager
 async def fake_agent(path: str, handler: Handler = answer) -> AsyncIterator[FakeAgent]:
     agent = FakeAgent(handler)
-    server = await asyncio.start_unix_server(agent.serve, path)
-    try:
+    async with serving(path, agent.serve):
         yield agent
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_normal_answers_and_typed_helpers(sock: str) -> None:

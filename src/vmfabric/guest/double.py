@@ -16,7 +16,7 @@ import base64
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,11 +108,21 @@ def _reply(document: dict[str, Any]) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def windows_agent(path: str, agent: WindowsAgent) -> AsyncIterator[WindowsAgent]:
-    """Serve `agent` on the unix socket `path` while the block runs."""
-    server = await asyncio.start_unix_server(agent.serve, path)
+async def serving(
+    path: str,
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[None]:
+    """A unix socket server at `path` running `serve` per client while the block runs."""
+    server = await asyncio.start_unix_server(serve, path)
     try:
-        yield agent
+        yield
     finally:
         server.close()
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def windows_agent(path: str, agent: WindowsAgent) -> AsyncIterator[WindowsAgent]:
+    """Serve `agent` on the unix socket `path` while the block runs."""
+    async with serving(path, agent.serve):
+        yield agent

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vmfabric.lab import ovs, proc
-from vmfabric.lab.errors import LabError, LabInputError
+from vmfabric.lab.errors import LabInputError
 from vmfabric.lab.names import ROUTER_LAN_IF, WAN_ADDRESS, short_id
 from vmfabric.lab.netns import link_mac, set_link
 from vmfabric.lab.plumbing import require_lab
@@ -48,6 +48,7 @@ from vmfabric.lab.vm import (
     agent_socket_path,
     clear_fault,
     dhcp_client_name,
+    spawn_socket_owner,
     start_agent,
     vm_named,
 )
@@ -259,15 +260,7 @@ def _ensure_hang_listener(record: Record, vm: VmRecord) -> None:
         netns=vm.netns,
         log=str(Path(vm.directory) / "qga-hang.log"),
     )
-    record.remember_process(process)
-    started = proc.spawn(process)
-    record.remember_process(started)
-    proc.wait_until(lambda: socket_path.exists() or not proc.is_alive(started), timeout=5.0)
-    if not socket_path.exists():
-        raise LabError(
-            f"the hanging listener of VM {vm.name} did not open {socket_path}; its log ends "
-            f"with:\n{proc.log_tail(process.log)}"
-        )
+    spawn_socket_owner(record, process, socket_path, f"the hanging listener of VM {vm.name}")
 
 
 def _renew_leases(record: Record, vm: VmRecord) -> None:

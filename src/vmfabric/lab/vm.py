@@ -331,14 +331,21 @@ def start_agent(record: Record, vm: VmRecord) -> None:
     process = ProcessRecord(
         name=agent_name(vm), argv=argv, netns=vm.netns, log=str(directory / "qga.log")
     )
+    spawn_socket_owner(record, process, socket, f"qemu-ga of VM {vm.name}")
+
+
+def spawn_socket_owner(record: Record, process: ProcessRecord, socket: Path, what: str) -> None:
+    """Start a recorded process that serves a unix socket; wait until the socket exists.
+
+    Raises LabError with the end of the process's log when it does not appear in 5 s.
+    """
     record.remember_process(process)
     started = proc.spawn(process)
     record.remember_process(started)
     proc.wait_until(lambda: socket.exists() or not proc.is_alive(started), timeout=5.0)
     if not socket.exists():
         raise LabError(
-            f"qemu-ga of VM {vm.name} did not open {socket}; its log ends with:\n"
-            f"{proc.log_tail(process.log)}"
+            f"{what} did not open {socket}; its log ends with:\n{proc.log_tail(process.log)}"
         )
 
 
