@@ -121,23 +121,27 @@ class Checker:
         timeout = self.settings.connect_timeout_s
         async with await QgaClient.connect(socket, timeout=timeout) as agent:
             guest_os = await self._guest_os(target.vm, agent)
-            outcomes: dict[tuple[str, str], Reach] = {}
-            detail = None
-            for ping in pings(target.nics, self.settings.external_target):
-                program, args = ping_command(guest_os, ping.target, self.settings.ping_deadline_s)
-                try:
-                    result = await agent.run(
-                        program, args, timeout=self.settings.ping_deadline_s + 2
-                    )
-                except ProgramTimeout:
-                    outcomes[(ping.mac, ping.purpose)] = Reach.BROKEN
-                    continue
-                except CommandFailed as error:
-                    detail = f"the agent cannot run ping: {error}"
-                    break
-                outcomes[(ping.mac, ping.purpose)] = reach_of(result.exitcode)
+            outcomes, detail = await self._ping_all(agent, guest_os, target.nics)
         nics = nic_results(target.nics, outcomes)
         return CheckResult(target.vm, guest_os, AgentState.OK, nics, at, detail)
+
+    async def _ping_all(
+        self, agent: QgaClient, guest_os: GuestOs, nics: list[NicFacts]
+    ) -> tuple[dict[tuple[str, str], Reach], str | None]:
+        """Each ping's outcome by (MAC, purpose); and why none could run, if so."""
+        outcomes: dict[tuple[str, str], Reach] = {}
+        deadline = self.settings.ping_deadline_s
+        for ping in pings(nics, self.settings.external_target):
+            program, args = ping_command(guest_os, ping.target, deadline)
+            try:
+                result = await agent.run(program, args, timeout=deadline + 2)
+            except ProgramTimeout:
+                outcomes[(ping.mac, ping.purpose)] = Reach.BROKEN
+                continue
+            except CommandFailed as error:
+                return outcomes, f"the agent cannot run ping: {error}"
+            outcomes[(ping.mac, ping.purpose)] = reach_of(result.exitcode)
+        return outcomes, None
 
     async def _guest_os(self, vm: str, agent: QgaClient) -> GuestOs:
         """The VM's OS: remembered, else from guest-get-osinfo, else by the patent's probe."""
