@@ -16,7 +16,7 @@ A VM under two blocks (its group's and its image's) may reach only the networks 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -156,8 +156,9 @@ def show_group(ctl: Controller, name: str) -> GroupDetail:
     """One group with its audit trail (the group's own blocks and its image's)."""
     with ctl.uow() as uow:
         session = uow.session
-        host, image = _resolve(session, name)
-        members = _groups(session).get((host, image), [])
+        groups = _groups(session)
+        host, image = _resolve(session, name, groups)
+        members = groups.get((host, image), [])
         blocks = _blocks(session)
         view = _view((host, image), members, blocks, _addresses(uow))
         trail = session.scalars(
@@ -337,7 +338,7 @@ def _target(session: Session, request: BlockRequest) -> _Target:
             )
         host: str | None = None
     else:
-        host, image = _resolve(session, request.target)
+        host, image = _resolve(session, request.target, groups)
         found = {(host, image): groups.get((host, image), [])}
     return _Target(
         scope=GROUP if host is not None else IMAGE,
@@ -350,8 +351,11 @@ def _target(session: Session, request: BlockRequest) -> _Target:
     )
 
 
-def _resolve(session: Session, name: str) -> tuple[str, str]:
-    """The (host, image) of a group name; NotFound for a name no group has.
+def _resolve(
+    session: Session, name: str, groups: Mapping[tuple[str, str], list[_Member]]
+) -> tuple[str, str]:
+    """The (host, image) of a group name among `groups` (or the blocked ones); NotFound for a
+    name no group has.
 
     A name splits as `<host>-<image>` after the registered host it starts with; should two
     hosts fit (hosts `a` and `a-b`, group `a-b-c`), the one with such VMs or a block wins.
@@ -363,7 +367,6 @@ def _resolve(session: Session, name: str) -> tuple[str, str]:
         for host in hosts
         if text.startswith(f"{host}-") and is_label(text[len(host) + 1 :])
     ]
-    groups = _groups(session)
     blocked = {
         row.target for row in session.scalars(select(GroupBlock).where(GroupBlock.scope == GROUP))
     }
