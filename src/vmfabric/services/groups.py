@@ -164,7 +164,7 @@ def show_group(ctl: Controller, name: str) -> GroupDetail:
         trail = session.scalars(
             select(GroupAudit)
             .where(
-                ((GroupAudit.scope == GROUP) & (GroupAudit.target == name))
+                ((GroupAudit.scope == GROUP) & (GroupAudit.target == group_name(host, image)))
                 | ((GroupAudit.scope == IMAGE) & (GroupAudit.target == image))
             )
             .order_by(GroupAudit.id)
