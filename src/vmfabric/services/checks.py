@@ -36,13 +36,14 @@ from vmfabric.domain.checks import (
     unreachable,
 )
 from vmfabric.domain.errors import NotFound
-from vmfabric.domain.model import NetworkKind, VmState
+from vmfabric.domain.model import NetworkKind
 from vmfabric.guest import CommandFailed, GuestAgentError, ProgramTimeout
 from vmfabric.guest.qga import QgaClient
 from vmfabric.services.context import Controller
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.views import as_utc
-from vmfabric.store.tables import Check, Host, Nic, Vm, utcnow
+from vmfabric.store import repository
+from vmfabric.store.tables import Check, Nic, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,7 @@ def check_history(ctl: Controller, vm: str, limit: int = 100) -> list[CheckResul
 
 def _targets(ctl: Controller, vm: str | None) -> list[CheckTarget]:
     with ctl.uow() as uow:
-        query = select(Vm).where(Vm.state == VmState.RUNNING.value).order_by(Vm.name)
-        if vm is not None:
-            query = query.where(Vm.name == vm)
-        vms = list(uow.session.scalars(query.join(Host)))
+        vms = repository.running_vms(uow.session, vm)
         if vm is not None and not vms:
             raise NotFound(f"no running VM named {vm!r}", vm=vm)
         wanted = [

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select
 
-from vmfabric.domain.model import VmState
 from vmfabric.guest import GuestAgentError, GuestInterface
 from vmfabric.guest.qga import QgaClient
 from vmfabric.services.context import Controller, transaction
 from vmfabric.services.hosts import host_ref
-from vmfabric.store.tables import Allocation, GuestAddress, Vm
+from vmfabric.store import repository
+from vmfabric.store.tables import GuestAddress, Nic
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,21 @@ def sweep_guest_addresses(ctl: Controller) -> list[str]:
 
 def _guests(ctl: Controller) -> list[_Guest]:
     with ctl.uow() as uow:
-        session = uow.session
-        vms = list(session.scalars(select(Vm).where(Vm.state == VmState.RUNNING.value)))
-        preset: dict[int, set[str]] = {}
-        for nic_id, address in session.execute(select(Allocation.nic_id, Allocation.address)):
-            preset.setdefault(nic_id, set()).add(address)
         wanted = [
-            (vm.name, host_ref(vm.host), {n.mac: n.id for n in vm.nics if n.mac}) for vm in vms
+            (vm.name, host_ref(vm.host), {n.mac: _nic(n) for n in vm.nics if n.mac})
+            for vm in repository.running_vms(uow.session)
         ]
     guests = []
     for name, host, nics in wanted:
         socket = ctl.agents.hypervisor(host).agent_socket(name)
         if socket is not None:
-            known = {mac: (nic, frozenset(preset.get(nic, ()))) for mac, nic in nics.items()}
-            guests.append(_Guest(name, socket, known))
+            guests.append(_Guest(name, socket, nics))
     return guests
+
+
+def _nic(nic: Nic) -> tuple[int, frozenset[str]]:
+    """A NIC's id and its preset addresses (which DHCP gives, so not static ones)."""
+    return nic.id, frozenset(address.address for address in nic.addresses)
 
 
 async def _ask_all(guests: list[_Guest]) -> dict[str, dict[int, set[str]] | None]:

@@ -254,6 +254,15 @@ def list_vms(session: Session) -> Sequence[Vm]:
     return session.scalars(_vm_query().order_by(Vm.name)).all()
 
 
+def running_vms(session: Session, name: str | None = None) -> Sequence[Vm]:
+    """The running VMs (or the one called `name`, if it runs) with host, NICs and addresses,
+    loaded in a few queries however many there are: sweeps walk them all."""
+    query = _vm_query().where(Vm.state == VmState.RUNNING.value).order_by(Vm.name)
+    if name is not None:
+        query = query.where(Vm.name == name)
+    return session.scalars(query).all()
+
+
 def list_hosts(session: Session) -> Sequence[Host]:
     """Every registered host."""
     return session.scalars(select(Host).order_by(Host.name)).all()
