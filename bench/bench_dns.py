@@ -36,10 +36,10 @@ from pathlib import Path
 
 from figures import cpu_seconds, free_port, percentile
 from vmfabric.domain.dns_records import Registration, ZoneContent, forward_zone, reverse_zones
+from vmfabric.lab.testing import NAMED, named_conf
 
 ZONE = "vmfabric.test."
 CIDRS = ["10.0.0.0/16", "fd00::/64"]
-NAMED = shutil.which("named") or "/usr/sbin/named"
 
 
 def registrations(vms: int, groups: int) -> list[Registration]:
@@ -123,28 +123,9 @@ def start_bind(
         zone_blocks.append(
             f'zone "{zone.origin}" {{ type primary; file "zone{index}.db"; {zone_options} }};'
         )
-    (root / "named.conf").write_text(
-        f"""
-options {{
-    directory "{root}";
-    pid-file "{root}/named.pid";
-    session-keyfile "{root}/session.key";
-    managed-keys-directory "{root}";
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    dnssec-validation no;
-    notify no;
-    minimal-responses yes;
-    edns-udp-size 1232;
-    max-udp-size 1232;
-}};
-controls {{ }};
-logging {{ category default {{ null; }}; }};
-{conf}
-{chr(10).join(zone_blocks)}
-"""
-    )
+    options = "    minimal-responses yes;\n    edns-udp-size 1232;\n    max-udp-size 1232;"
+    rest = "\n".join(["logging { category default { null; }; };", conf, *zone_blocks])
+    (root / "named.conf").write_text(named_conf(root, port, options=options, rest=rest))
     os.chmod(root, 0o777)
     process = subprocess.Popen(
         ["taskset", "-c", str(cpu), NAMED, "-f", "-n", "1", "-c", str(root / "named.conf")],

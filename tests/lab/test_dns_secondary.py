@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,14 +27,13 @@ import pytest
 
 from vmfabric.dns.server import DnsServer, ServerThread
 from vmfabric.domain.dns_records import Registration, ZoneContent, forward_zone, reverse_zones
-from vmfabric.lab.testing import dig_short
+from vmfabric.lab.testing import NAMED, dig_short, named_conf
 
 pytestmark = pytest.mark.lab
 
 ZONE = "vmfabric.test."
 REVERSE = "0.0.10.in-addr.arpa."
 SECRET = base64.b64encode(b"lab-secondary-transfer-key-01234").decode()
-NAMED = shutil.which("named") or "/usr/sbin/named"
 
 
 def zones(registrations: list[Registration]) -> list[ZoneContent]:
@@ -77,20 +75,9 @@ class Secondary:
     process: subprocess.Popen[bytes]
 
 
-def named_conf(root: Path, port: int, primary_port: int) -> str:
-    return f"""
-options {{
-    directory "{root}";
-    pid-file "{root}/named.pid";
-    session-keyfile "{root}/session.key";
-    managed-keys-directory "{root}";
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    dnssec-validation no;
-    notify no;
-}};
-controls {{ }};
+def secondary_conf(root: Path, port: int, primary_port: int) -> str:
+    """A BIND secondary of both zones of the primary on `primary_port`, with the transfer key."""
+    rest = f"""
 key "xfr-key" {{ algorithm hmac-sha256; secret "{SECRET}"; }};
 logging {{
     channel lab {{
@@ -115,6 +102,7 @@ zone "{REVERSE}" {{
     file "reverse.db";
 }};
 """
+    return named_conf(root, port, rest=rest)
 
 
 @pytest.fixture
@@ -143,7 +131,7 @@ def primary_and_secondary(
 def secondary_of(root: Path, port: int, primary_port: int) -> Iterator[Secondary]:
     """A BIND secondary on `port` of the zones of the primary on `primary_port`."""
     conf = root / "named.conf"
-    conf.write_text(named_conf(root, port, primary_port))
+    conf.write_text(secondary_conf(root, port, primary_port))
     os.chmod(root, 0o777)  # named may switch to the bind user for its files
     with (root / "named.out").open("wb") as output:
         process = subprocess.Popen(
@@ -239,7 +227,7 @@ def test_transfer_without_the_key_is_refused_to_a_misconfigured_secondary(
     server.publish(zones(FIRST))
     with ServerThread(server) as running:
         port = free_port()
-        conf = named_conf(tmp_path, port, running.port).replace(" key xfr-key;", ";")
+        conf = secondary_conf(tmp_path, port, running.port).replace(" key xfr-key;", ";")
         (tmp_path / "named.conf").write_text(conf)
         os.chmod(tmp_path, 0o777)
         process = subprocess.Popen(

@@ -368,3 +368,29 @@ class _WebhookHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: tests look at `received`."""
+
+
+NAMED = shutil.which("named") or "/usr/sbin/named"
+"""BIND 9's server, which tests and benchmarks compare with or use as a secondary."""
+
+
+def named_conf(root: Path, port: int, *, options: str = "", rest: str = "") -> str:
+    """named.conf of a BIND 9 of a test's own: on 127.0.0.1 `port` only, every file in `root`,
+    no recursion, no NOTIFY of its own; `options` go into its options block, `rest` after it
+    (keys, logging, zones)."""
+    return f"""
+options {{
+    directory "{root}";
+    pid-file "{root}/named.pid";
+    session-keyfile "{root}/session.key";
+    managed-keys-directory "{root}";
+    listen-on port {port} {{ 127.0.0.1; }};
+    listen-on-v6 {{ none; }};
+    recursion no;
+    dnssec-validation no;
+    notify no;
+{options}
+}};
+controls {{ }};
+{rest}
+"""
