@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from vmfabric.domain.checks import (
     WINDOWS_PROBE,
@@ -177,7 +178,7 @@ def run_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list
     targets = _targets(ctl, vm)
     with _SWEEPING:
         results = asyncio.run(checker.check_all(targets))
-        changes = _store(ctl, results, checker.settings.keep)
+        changes = _store(ctl, results, checker.settings.keep, vm)
     if checker.on_change is not None:
         for change in changes:
             checker.on_change(change)
@@ -187,11 +188,7 @@ def run_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> list
 def check_status(ctl: Controller, vm: str | None = None) -> list[CheckResult]:
     """The latest result of every VM checked (or of one), by VM name."""
     with ctl.uow() as uow:
-        latest = select(Check.vm, func.max(Check.id).label("id")).group_by(Check.vm).subquery()
-        query = select(Check).join(latest, latest.c.id == Check.id).order_by(Check.vm)
-        if vm is not None:
-            query = query.where(Check.vm == vm)
-        found = [_result(row) for row in uow.session.scalars(query)]
+        found = _latest(uow.session, vm)
     if vm is not None and not found:
         raise NotFound(f"VM {vm!r} has not been checked (yet)", vm=vm)
     return found
@@ -233,16 +230,29 @@ def _facts(nic: Nic, mac: str) -> NicFacts:
     )
 
 
-def _store(ctl: Controller, results: list[CheckResult], keep: timedelta) -> list[CheckChange]:
-    """Store the results; the VMs whose state differs from their previous result."""
-    before = {r.vm: r for r in check_status(ctl)} if results else {}
-    changes = [
-        CheckChange(result.vm, before[result.vm], result)
-        for result in results
-        if result.vm in before and _state(before[result.vm]) != _state(result)
-    ]
+def _latest(session: Session, vm: str | None) -> list[CheckResult]:
+    """The latest result of each VM checked (or of one), by VM name."""
+    newest = select(Check.vm, func.max(Check.id).label("id")).group_by(Check.vm)
+    if vm is not None:
+        newest = newest.where(Check.vm == vm)
+    latest = newest.subquery()
+    query = select(Check).join(latest, latest.c.id == Check.id).order_by(Check.vm)
+    return [_result(row) for row in session.scalars(query)]
+
+
+def _store(
+    ctl: Controller, results: list[CheckResult], keep: timedelta, vm: str | None
+) -> list[CheckChange]:
+    """Store the results of one VM or all; the VMs whose state differs from their previous
+    result (read in the same transaction)."""
     with ctl.uow() as uow:
         session = uow.session
+        before = {r.vm: r for r in _latest(session, vm)}
+        changes = [
+            CheckChange(result.vm, before[result.vm], result)
+            for result in results
+            if result.vm in before and _state(before[result.vm]) != _state(result)
+        ]
         for result in results:
             session.add(
                 Check(
