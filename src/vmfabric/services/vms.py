@@ -405,38 +405,39 @@ def _release(conn: Connection, allocation: Allocation) -> None:
     allocator.release(conn, subnet.id, key_value(allocation.address_key), to_free_space=not slaac)
 
 
-def _hypervisor_of(ctl: Controller, name: str) -> Hypervisor:
+@dataclass(frozen=True)
+class _Placed:
+    """Where a settled VM runs: its host's hypervisor, and the host when the VM is under a
+    block (its switch holds quarantine rules for the VM)."""
+
+    hypervisor: Hypervisor
+    blocked_on: str | None
+
+
+def _placed(ctl: Controller, name: str) -> _Placed:
     with ctl.uow() as uow:
         vm = repository.get_vm(uow.session, name)
         if vm.state == VmState.CREATING.value:
             raise Conflict(f"VM {name!r} is still being created", vm=name)
-        return ctl.agents.hypervisor(host_ref(vm.host))
+        group = group_name(vm.host.name, vm.image)
+        blocked = repository.is_blocked(uow.connection, group, vm.image)
+        hypervisor = ctl.agents.hypervisor(host_ref(vm.host))
+        return _Placed(hypervisor, vm.host.name if blocked else None)
 
 
 def delete_vm(ctl: Controller, name: str) -> None:
     """Remove the VM from its host, then its reservations, then free its addresses (and its
     quarantine rules, if it was blocked)."""
-    hypervisor = _hypervisor_of(ctl, name)
-    blocked_on = _blocked_host(ctl, name)
-    _call(hypervisor.undefine, name)
+    placed = _placed(ctl, name)
+    _call(placed.hypervisor.undefine, name)
     _forget_vm(ctl, name)
-    if blocked_on is not None:
-        enforce_blocks(ctl, {blocked_on})
-
-
-def _blocked_host(ctl: Controller, name: str) -> str | None:
-    """The host of a VM under a block, whose switch holds rules for it; else None."""
-    with ctl.uow() as uow:
-        vm = repository.get_vm(uow.session, name)
-        blocked = repository.is_blocked(
-            uow.connection, group_name(vm.host.name, vm.image), vm.image
-        )
-        return vm.host.name if blocked else None
+    if placed.blocked_on is not None:
+        enforce_blocks(ctl, {placed.blocked_on})
 
 
 def stop_vm(ctl: Controller, name: str) -> VmView:
     """Shut the VM down; it keeps its addresses and reservations."""
-    _call(_hypervisor_of(ctl, name).stop, name)
+    _call(_placed(ctl, name).hypervisor.stop, name)
     _set_state(ctl, name, VmState.STOPPED)
     return show_vm(ctl, name)
 
@@ -444,11 +445,11 @@ def stop_vm(ctl: Controller, name: str) -> VmView:
 def start_vm(ctl: Controller, name: str) -> VmView:
     """Boot the VM again; DHCP hands it the same addresses."""
     _write_reservations(ctl, name)
-    _call(_hypervisor_of(ctl, name).start, name)
+    placed = _placed(ctl, name)
+    _call(placed.hypervisor.start, name)
     _set_state(ctl, name, VmState.RUNNING)
-    blocked_on = _blocked_host(ctl, name)
-    if blocked_on is not None:  # a libvirt port is new at each start: match it too
-        enforce_blocks(ctl, {blocked_on})
+    if placed.blocked_on is not None:  # a libvirt port is new at each start: match it too
+        enforce_blocks(ctl, {placed.blocked_on})
     return show_vm(ctl, name)
 
 
