@@ -5,7 +5,9 @@ and DHCP client; the checker (`services.checks.Checker`, default settings) check
 1, 10, 50 and all of them, each time as a warm sweep (OS already known) after a first one; then
 `--hung` of them get the lab fault `agent-hang` and all are checked again. Prints one JSON
 line: wall time and checker CPU per sweep, and the ratio of the biggest sweep to the
-smallest (target: 100 VMs within 3x the time of one). No peer tool does this on this machine.
+smallest (target: 100 VMs within 3x the time of one). The same two sweeps (one VM, all) run
+again while every VM has the lab fault `external-down`, so that each VM's outside ping runs
+to its deadline, as in an uplink outage. No peer tool does this on this machine.
 
     uv run python bench/bench_checks.py [--vms 100] [--hung 10] [--concurrency 32]
 
@@ -71,6 +73,11 @@ def main() -> None:
         sweep(checker, targets)  # learns every VM's OS
         sizes = sorted({1, 10, 50, args.vms} & set(range(1, args.vms + 1)))
         sweeps = [sweep(checker, targets[:size]) for size in sizes]
+        for vm in vms:
+            faults.inject(vm, "external-down")
+        outage = [sweep(checker, targets[:size]) for size in (1, args.vms)]
+        for vm in vms:
+            faults.heal(vm)
         for vm in list(vms)[: args.hung]:
             faults.inject(vm, "agent-hang")
         hung = sweep(checker, targets)
@@ -82,6 +89,10 @@ def main() -> None:
                 "concurrency": args.concurrency,
                 "sweeps": sweeps,
                 "ratio_biggest_to_one": round(sweeps[-1]["seconds"] / sweeps[0]["seconds"], 2),
+                "external_down": {
+                    "sweeps": outage,
+                    "ratio_biggest_to_one": round(outage[-1]["seconds"] / outage[0]["seconds"], 2),
+                },
                 "with_hung_agents": {"hung": args.hung, **hung},
             }
         )

@@ -78,7 +78,7 @@ def serve(
     ] = "203.0.113.1",
     check_concurrency: Annotated[
         int, typer.Option("--check-concurrency", help="VMs checked at once.")
-    ] = 32,
+    ] = 128,
     check_deadline: Annotated[
         float,
         typer.Option("--check-deadline", help="Seconds a VM's check may take; then unreachable."),
