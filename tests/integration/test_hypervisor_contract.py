@@ -180,6 +180,17 @@ def test_start_or_stop_of_an_unknown_vm_is_an_error(subject: Subject, operation:
         getattr(subject.hypervisor, operation)(name)
 
 
+def test_migrating_an_unknown_or_stopped_vm_is_an_error(subject: Subject) -> None:
+    unknown = f"vmf-unknown-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(HypervisorError, match=unknown):
+        subject.hypervisor.migrate(unknown, "hv2", "test:///default")
+    spec = subject.spec(None)
+    macs = subject.hypervisor.define(spec).macs
+    with pytest.raises(HypervisorError, match="not running"):
+        subject.hypervisor.migrate(spec.name, "hv2", "test:///default")
+    assert listed(subject, spec.name) == [(False, macs)]
+
+
 def test_a_running_vm_has_an_agent_socket(subject: Subject) -> None:
     spec = subject.spec(None)
     subject.hypervisor.define(spec)

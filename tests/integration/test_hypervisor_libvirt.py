@@ -239,6 +239,69 @@ def test_stop_powers_off_a_guest_that_ignores_shutdown(
     assert [vm.running for vm in subject.hypervisor.list_vms() if vm.name == spec.name] == [False]
 
 
+def test_a_migration_libvirt_refuses_is_a_hypervisor_error(libvirt_subject: Subject) -> None:
+    spec = libvirt_subject.spec(None)
+    hypervisor = libvirt_subject.hypervisor
+    hypervisor.define(spec)
+    hypervisor.start(spec.name)
+    with pytest.raises(
+        HypervisorError,
+        match=(
+            rf"libvirt at {contract.TEST_URI} could not migrate VM '{spec.name}' to hv2 "
+            r"\(test:///other\): .*p2p migration is not supported"
+        ),
+    ):
+        hypervisor.migrate(spec.name, "hv2", "test:///other")
+    assert [vm.running for vm in hypervisor.list_vms() if vm.name == spec.name] == [True]
+
+
+def test_a_migration_asks_libvirt_for_a_live_peer_to_peer_move(
+    libvirt_subject: Subject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_migrations(monkeypatch)
+    spec = libvirt_subject.spec(None)
+    libvirt_subject.hypervisor.define(spec)
+    libvirt_subject.hypervisor.start(spec.name)
+    libvirt_subject.hypervisor.migrate(spec.name, "hv2", "qemu+tls://hv2/system")
+    flags = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
+    assert calls == [(spec.name, "qemu+tls://hv2/system", flags)]
+
+
+def test_moves_libvirt_cannot_make_are_refused_before_asking_it(
+    libvirt_subject: Subject, foreign: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_migrations(monkeypatch)
+    hypervisor = libvirt_subject.hypervisor
+    stopped = libvirt_subject.spec(None)
+    hypervisor.define(stopped)
+    for name, uri, message in (
+        ("vmf-unknown-vm", "test:///other", "'vmf-unknown-vm' is not defined by vmfabric"),
+        (foreign, "test:///other", f"'{foreign}' is not defined by vmfabric"),
+        (stopped.name, "test:///other", "not running"),
+        (stopped.name, None, "hv2: the host has no libvirt URI"),
+    ):
+        with pytest.raises(HypervisorError, match=message):
+            hypervisor.migrate(name, "hv2", uri)
+    assert calls == []
+
+
+def record_migrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
+    """Record each `migrateToURI3` call (domain, destination URI, flags) instead of making it."""
+    calls: list[tuple[str, str, int]] = []
+
+    def recording(self: Any, dconnuri: str, params: dict[str, Any], flags: int = 0) -> int:
+        calls.append((self.name(), dconnuri, flags))
+        return 0
+
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3", recording)
+    return calls
+
+
 def test_a_dead_connection_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     opened = count_opens(monkeypatch)
     hypervisor = LibvirtHypervisor(contract.TEST_URI)

@@ -1,4 +1,5 @@
-"""The Open vSwitch driver on the lab's real switch: atomic rule sets, VM ports, quarantine.
+"""The Open vSwitch driver on the lab's real switch: atomic rule sets, VM ports, quarantine,
+packet counts, peer links and announcements.
 
 The rules are checked the way the switch sees them: `ovs-ofctl dump-flows` for what is
 installed, `ovs-appctl ofproto/trace` for what the installed rules do to a packet.
@@ -27,12 +28,12 @@ from vmfabric.domain.quarantine import (
     quarantine_flows,
 )
 from vmfabric.hypervisor.lab import LabHypervisor
-from vmfabric.lab.names import FABRIC_BRIDGE, host_bridge
+from vmfabric.lab.names import FABRIC_BRIDGE, host_bridge, host_uplink
 from vmfabric.lab.ovs import switch_access
 from vmfabric.lab.state import LabStore
 from vmfabric.lab.testing import temporary_lab
 from vmfabric.vswitch import VswitchError
-from vmfabric.vswitch.openvswitch import OpenVswitch, lab_vswitch
+from vmfabric.vswitch.openvswitch import OpenVswitch, gratuitous_arp, lab_vswitch
 
 pytestmark = [
     pytest.mark.lab,
@@ -40,8 +41,13 @@ pytestmark = [
 ]
 
 BRIDGE = host_bridge("hv1")
+OTHER_BRIDGE = host_bridge("hv2")
 VLAN = 10
 KIND = QUARANTINE_KIND << 48
+SEND = 0x05E0 << 48
+RECEIVE = 0x05E1 << 48
+ONE_VM = 0xFFFE << 48 | (1 << 48) - 1
+"""With a send cookie, selects both the send and the receive rules of one VM."""
 EXACT = (1 << 64) - 1
 OTHER_RULE = "cookie=0x42, priority=5,arp actions=NORMAL"
 DEFAULT_RULE = "priority=0 actions=NORMAL"
@@ -71,18 +77,18 @@ def reset_rules() -> None:
     ofctl("add-flow", BRIDGE, "cookie=0x42,priority=5,arp,actions=NORMAL")
 
 
-def drop_rule(vm_id: int, mac: str, table: int = 0) -> tuple[str, str]:
+def drop_rule(vm_id: int, mac: str, table: int = 0, kind: int = KIND) -> tuple[str, str]:
     """A rule as given to replace_flows and as dump-flows prints it back."""
-    given_text = f"cookie={KIND | vm_id:#x},table={table},priority=100,dl_src={mac},actions=drop"
+    given_text = f"cookie={kind | vm_id:#x},table={table},priority=100,dl_src={mac},actions=drop"
     shown_table = f"table={table}, " if table else ""
-    shown = f"cookie={KIND | vm_id:#x}, {shown_table}priority=100,dl_src={mac} actions=drop"
+    shown = f"cookie={kind | vm_id:#x}, {shown_table}priority=100,dl_src={mac} actions=drop"
     return given_text, shown
 
 
 @pytest.fixture(scope="module")
 def macs() -> Iterator[dict[str, str]]:
-    """A one-host lab with two VMs on VLAN 10 of its bridge: VM name -> MAC."""
-    with temporary_lab(hosts=1):
+    """A two-host lab with two VMs on VLAN 10 of hv1's bridge: VM name -> MAC."""
+    with temporary_lab(hosts=2):
         hypervisor = LabHypervisor("hv1")
         yield {
             name: hypervisor.define(VmSpec(name, "debian12", (NicSpec("n1", BRIDGE, VLAN),))).macs[
@@ -368,3 +374,204 @@ def test_a_quarantined_vm_reaches_exactly_its_allowed_network(
         "udp_dst=53",
     )
     assert forwarded == (ipaddress.ip_address(destination) in ipaddress.ip_network(network)), why
+
+
+def vm_rules(vm_id: int, mac: str) -> list[tuple[str, str]]:
+    """A VM's send rule (table 0) and receive rule (table 1): given and shown texts."""
+    return [drop_rule(vm_id, mac, kind=SEND), drop_rule(vm_id, mac, table=1, kind=RECEIVE)]
+
+
+def test_change_flows_deletes_several_sets_and_adds_in_one_bundle(switch: OpenVswitch) -> None:
+    kept, kept_shown = drop_rule(2, "52:54:00:00:00:02")
+    switch.replace_flows(
+        BRIDGE, KIND, QUARANTINE_MASK, [drop_rule(1, "52:54:00:00:00:01")[0], kept]
+    )
+    old = [given for given, _ in vm_rules(7, "52:54:00:00:00:07")]
+    switch.change_flows(BRIDGE, [(SEND | 7, ONE_VM)], old)
+    new = [*vm_rules(7, "52:54:00:00:00:77"), drop_rule(1, "52:54:00:00:00:11")]
+    switch.change_flows(
+        BRIDGE, [(SEND | 7, ONE_VM), (KIND | 1, EXACT)], [given for given, _ in new]
+    )
+    shown = [kept_shown, *(text for _, text in new), OTHER_RULE, DEFAULT_RULE]
+    assert installed() == sorted(shown)
+    assert switch.flows(BRIDGE, SEND | 7, ONE_VM) == sorted(text for _, text in new[:2])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # refused by the switch inside the bundle, after both deletes: nothing is committed
+        (f"cookie={SEND | 7:#x},priority=100,actions=group:99", "OFPBAC_BAD_OUT_GROUP"),
+        # refused by the driver: the cookie matches none of the deleted sets
+        (f"cookie={SEND | 8:#x},priority=100,actions=drop", "needs a cookie"),
+    ],
+)
+def test_a_bundle_with_one_bad_rule_changes_nothing(
+    switch: OpenVswitch, bad: str, message: str
+) -> None:
+    switch.change_flows(
+        BRIDGE, [(SEND | 7, ONE_VM)], [t for t, _ in vm_rules(7, "52:54:00:00:00:07")]
+    )
+    switch.replace_flows(BRIDGE, KIND, QUARANTINE_MASK, [drop_rule(1, "52:54:00:00:00:01")[0]])
+    rules = installed()
+    adds = [*(t for t, _ in vm_rules(7, "52:54:00:00:00:77")), bad]
+    with pytest.raises(VswitchError, match=message):
+        switch.change_flows(BRIDGE, [(SEND | 7, ONE_VM), (KIND, QUARANTINE_MASK)], adds)
+    assert installed() == rules
+
+
+def test_rules_can_only_be_added_with_a_set_that_removes_them(switch: OpenVswitch) -> None:
+    with pytest.raises(VswitchError, match="needs a cookie matching a deleted set"):
+        switch.change_flows(BRIDGE, [], [drop_rule(1, "52:54:00:00:00:01")[0]])
+    switch.change_flows(BRIDGE, [], [])
+    assert installed() == sorted([OTHER_RULE, DEFAULT_RULE])
+
+
+def test_flows_print_port_numbers(switch: OpenVswitch, macs: dict[str, str]) -> None:
+    ports = switch.ports(BRIDGE)
+    web, peer = ports[macs["web"]], ports[macs["peer"]]
+    rule = f"cookie={SEND | 5:#x},priority=100,in_port={web},actions=output:{peer}"
+    switch.replace_flows(BRIDGE, SEND | 5, EXACT, [rule])
+    assert switch.flows(BRIDGE, SEND | 5, EXACT) == [
+        f"cookie={SEND | 5:#x}, priority=100,in_port={web} actions=output:{peer}"
+    ]
+
+
+def n_packets(bridge: str, cookie: int) -> list[int]:
+    """The packet count of each rule carrying exactly `cookie`, as dump-flows prints them."""
+    dumped = ofctl("dump-flows", bridge, f"cookie={cookie:#x}/-1")
+    return [
+        int(field.removeprefix("n_packets="))
+        for line in dumped.splitlines()
+        for field in line.replace(",", " ").split()
+        if field.startswith("n_packets=")
+    ]
+
+
+def test_packets_counts_what_went_through_the_rules(
+    switch: OpenVswitch, macs: dict[str, str]
+) -> None:
+    port = switch.ports(BRIDGE)[macs["web"]]
+    rules = [
+        f"cookie={SEND | 5:#x},priority=200,in_port={port},arp,actions=NORMAL",
+        f"cookie={SEND | 5:#x},priority=150,in_port={port},actions=drop",
+        f"cookie={RECEIVE | 5:#x},table=0,priority=100,arp,actions=NORMAL",
+    ]
+    switch.change_flows(BRIDGE, [(SEND | 5, ONE_VM)], rules)
+    assert switch.packets(BRIDGE, SEND | 5, ONE_VM) == 0
+    frame = gratuitous_arp(macs["web"], "10.0.0.5").hex()
+    for _ in range(3):
+        ofctl("packet-out", BRIDGE, f"in_port={port} packet={frame} actions=table")
+    other_port = switch.ports(BRIDGE)[macs["peer"]]
+    other = gratuitous_arp(macs["peer"], "10.0.0.6").hex()
+    ofctl("packet-out", BRIDGE, f"in_port={other_port} packet={other} actions=table")
+    assert switch.packets(BRIDGE, SEND | 5, EXACT) == 3 == sum(n_packets(BRIDGE, SEND | 5))
+    assert switch.packets(BRIDGE, RECEIVE | 5, EXACT) == 1
+    assert switch.packets(BRIDGE, SEND | 5, ONE_VM) == 4
+    assert switch.packets(BRIDGE, KIND, QUARANTINE_MASK) == 0
+
+
+def ofport(interface: str) -> int:
+    return int(vsctl("get", "Interface", interface, "ofport"))
+
+
+def test_peer_ports_finds_the_marked_links(switch: OpenVswitch) -> None:
+    def patch(bridge: str, name: str, host: str) -> list[str]:
+        return [
+            "--",
+            "add-port",
+            bridge,
+            name,
+            "--",
+            "set",
+            "Interface",
+            name,
+            "type=patch",
+            "options:peer=vmftnowhere",
+            f"external_ids:vmfabric-peer={host}",
+        ]
+
+    ghost = ["--", "add-port", BRIDGE, "vmftghost", "--", "set", "Interface", "vmftghost"]
+    vsctl(
+        *patch(BRIDGE, "vmftpeer8", "hv8")[1:],
+        *patch(OTHER_BRIDGE, "vmftpeer7", "hv7"),
+        *ghost,
+        "external_ids:vmfabric-peer=hv9",
+    )
+    try:
+        found = switch.peer_ports(BRIDGE)
+        assert ofport("vmftghost") == -1
+        assert found["hv8"] == ofport("vmftpeer8") > 0
+        assert "hv9" not in found
+        assert "hv7" not in found
+        assert switch.peer_ports(OTHER_BRIDGE)["hv7"] == ofport("vmftpeer7")
+        assert not set(found.values()) & set(switch.ports(BRIDGE).values())
+    finally:
+        vsctl("--if-exists", "del-port", "vmftpeer8", "--", "--if-exists", "del-port", "vmftpeer7")
+        vsctl("--if-exists", "del-port", "vmftghost")
+    assert "hv8" not in switch.peer_ports(BRIDGE)
+
+
+def fdb(bridge: str) -> dict[str, tuple[int, int]]:
+    """MAC -> (port, VLAN) the bridge's MAC learning table holds."""
+    lines = switch_access().run("ovs-appctl", "fdb/show", bridge).splitlines()[1:]
+    return {mac: (int(port), int(vlan)) for port, vlan, mac, _ in map(str.split, lines)}
+
+
+def test_the_announcement_is_an_arp_the_switch_parses(macs: dict[str, str]) -> None:
+    frame = gratuitous_arp(macs["web"].upper(), "10.0.0.5")
+    parsed = switch_access().run("ovs-appctl", "ofproto/trace", BRIDGE, "in_port=1", frame.hex())
+    flow = next(line for line in parsed.splitlines() if line.startswith("Flow:"))
+    assert len(frame) == 60
+    for field in (
+        "arp,",
+        f"dl_src={macs['web']}",
+        "dl_dst=ff:ff:ff:ff:ff:ff",
+        "arp_spa=10.0.0.5",
+        "arp_tpa=10.0.0.5",
+        "arp_op=1",
+        f"arp_sha={macs['web']}",
+        "arp_tha=00:00:00:00:00:00",
+    ):
+        assert field in flow
+
+
+def test_announce_teaches_every_bridge_where_the_vm_is(
+    switch: OpenVswitch, macs: dict[str, str]
+) -> None:
+    mac = macs["web"]
+    port = switch.ports(BRIDGE)[mac]
+    switch.announce(BRIDGE, port, mac, "10.0.0.5")
+    assert fdb(BRIDGE)[mac] == (port, VLAN)
+    assert fdb(FABRIC_BRIDGE)[mac] == (ofport(host_uplink("hv1")[1]), VLAN)
+
+    # the VM moved: its MAC now behind a port of hv2's bridge
+    vsctl(
+        "add-port",
+        OTHER_BRIDGE,
+        "vmftmoved",
+        "tag=10",
+        "--",
+        "set",
+        "Interface",
+        "vmftmoved",
+        "type=internal",
+    )
+    try:
+        switch.announce(OTHER_BRIDGE, ofport("vmftmoved"), mac, "10.0.0.5")
+        assert fdb(OTHER_BRIDGE)[mac] == (ofport("vmftmoved"), VLAN)
+        assert fdb(FABRIC_BRIDGE)[mac] == (ofport(host_uplink("hv2")[1]), VLAN)
+        assert fdb(BRIDGE)[mac] == (ofport(host_uplink("hv1")[0]), VLAN)
+    finally:
+        vsctl("--if-exists", "del-port", "vmftmoved")
+
+
+def test_announce_refuses_what_it_cannot_send(switch: OpenVswitch, macs: dict[str, str]) -> None:
+    with pytest.raises(VswitchError, match="no OpenFlow number"):
+        switch.announce(BRIDGE, 0, macs["web"], "10.0.0.5")
+    with pytest.raises(VswitchError, match="cannot announce"):
+        switch.announce(BRIDGE, 1, macs["web"], "10.0.0.300")
+    with pytest.raises(VswitchError, match="cannot announce"):
+        switch.announce(BRIDGE, 1, "52:54:00", "10.0.0.5")
+    with pytest.raises(VswitchError, match="vmf-nope is not a bridge"):
+        switch.announce("vmf-nope", 1, macs["web"], "10.0.0.5")

@@ -15,7 +15,7 @@ import typer
 
 from vmfabric.cli.demo import run_demo
 from vmfabric.cli.output import JsonFlag, cli_errors, console, emit_json, fail, steps, table
-from vmfabric.lab import faults, lifecycle
+from vmfabric.lab import faults, lifecycle, migration
 from vmfabric.lab.errors import LabError, LabInputError
 
 app = typer.Typer(
@@ -152,6 +152,32 @@ def heal(
 
 
 @app.command()
+def migrate(
+    vm: Annotated[str, typer.Argument(help="The running lab VM.")],
+    to: Annotated[str, typer.Option("--to", help="The destination host (hv1…hvN).")],
+    abort: Annotated[
+        bool,
+        typer.Option("--abort", help="Cancel after the copy time: the VM stays where it is."),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move a lab VM to another host as its hypervisor would on its own (not asked by the
+    controller, which follows the move through the switches' port events)."""
+    with steps(not as_json) as progress:
+        result = _guarded(lambda: migration.migrate(vm, to, cancel=abort, progress=progress))
+    if as_json:
+        emit_json(result)
+        return
+    if result["outcome"] == "aborted":
+        typer.echo(f"VM {result['vm']}: move to {result['to']} aborted, stays on {result['host']}")
+        return
+    typer.echo(
+        f"VM {result['vm']} moved from {result['from']} to {result['to']} "
+        f"(switch-over {result['switch_seconds'] * 1000:.1f} ms)"
+    )
+
+
+@app.command()
 def demo(as_json: JsonFlag = False) -> None:
     """Show IP presetting end to end: VMs on two hosts get exactly their preset IPs by DHCP."""
     with steps(not as_json) as step, cli_errors():
@@ -179,11 +205,14 @@ def demo(as_json: JsonFlag = False) -> None:
 def _show_status(result: dict[str, Any]) -> None:
     state = "up" if result["up"] else "down"
     hosts = ", ".join(result["hosts"]) or "-"
-    console.print(f"lab {state} ({result['state_dir']}); hosts: {hosts}")
+    console.print(
+        f"lab {state} ({result['state_dir']}); hosts: {hosts}; "
+        f"peer links: {len(result['peer_links'])}"
+    )
     vms = [
         (
             vm["name"],
-            vm["host"],
+            f"{vm['host']} → {vm['migration']['host']}" if vm["migration"] else vm["host"],
             "yes" if vm["running"] else "no",
             ", ".join(f"{n['ifname']} {n['mac']} {n['network']}/{n['vlan']}" for n in vm["nics"]),
             ", ".join(f["kind"] for f in vm["faults"]) or "-",

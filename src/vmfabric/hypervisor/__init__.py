@@ -44,3 +44,13 @@ class Hypervisor(Protocol):
     def agent_socket(self, name: str) -> str | None:
         """Path of the unix socket of the VM's QEMU guest agent channel, if it has one."""
         ...
+
+    def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
+        """Live-migrate the running VM to host `to_host` (whose hypervisor answers at `to_uri`,
+        where the driver needs one).
+
+        Blocks until the VM runs on the destination, or the move failed and the VM still runs
+        here. Raises HypervisorError with a clear message otherwise: an unknown VM, a VM that
+        is not running, an unknown or unreachable destination, a refusal by the hypervisor.
+        """
+        ...

@@ -12,17 +12,18 @@ from contextlib import contextmanager
 
 from vmfabric.domain.model import DefinedVm, HypervisorVm, VmSpec
 from vmfabric.hypervisor import HypervisorError
+from vmfabric.lab import migration
 from vmfabric.lab.errors import LabError
 from vmfabric.lab.names import check_label
 from vmfabric.lab.state import LabStore, Record, VmRecord
 from vmfabric.lab.vm import (
-    agent_socket_path,
     define_vm,
     destroy_vm,
     find_vm,
     is_running,
     start_vm,
     stop_vm,
+    vm_agent_socket,
 )
 
 
@@ -85,12 +86,20 @@ class LabHypervisor:
             ]
 
     def agent_socket(self, name: str) -> str | None:
-        """The qemu-ga socket of a defined VM of this host."""
+        """The qemu-ga socket of a defined VM of this host (in the VM's directory, which stays
+        where the VM was defined when it migrates)."""
         with _failing_as(f"cannot find the agent of VM {name} on {self.host}"):
             vm = find_vm(self._store.read(), self.host, name)
         if vm is None or not vm.defined:
             return None
-        return str(agent_socket_path(self.host, name))
+        return str(vm_agent_socket(vm))
+
+    def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
+        """Move the VM's NICs to `to_host`'s bridge as libvirt would (`vmfabric.lab.migration`):
+        the destination ports first, then after the copy time (`VMFABRIC_LAB_COPY_SECONDS`,
+        default 0.2 s) the switch-over. `to_uri` is not needed: every lab host is local."""
+        with _failing_as(f"cannot migrate VM {name} from {self.host} to {to_host}"):
+            migration.migrate(name, to_host, from_host=self.host, store=self._store)
 
     def _require(self, record: Record, name: str) -> VmRecord:
         vm = find_vm(record.state, self.host, name)

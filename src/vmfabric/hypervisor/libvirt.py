@@ -35,6 +35,13 @@ ACCESS_CHANNEL = "org.vmfabric.access.0"
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
 )
+_MIGRATE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+"""Live, driven by this host's libvirtd (peer to peer), the definition moving with the VM."""
 _POLL_SECONDS = 0.25
 
 T = TypeVar("T")
@@ -333,6 +340,25 @@ class LibvirtHypervisor:
         """The guest agent socket as the running VM uses it (libvirt may choose it at start)."""
         return self._channel_socket(name, AGENT_CHANNEL)
 
+    def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
+        """Live-migrate the running VM to the libvirt at `to_uri` and wait for the end.
+
+        The VM's disk must be reachable from the destination (shared storage for the pool);
+        its definition moves with it and leaves this host. Not retried on a new connection:
+        a move cut off half way is for the caller to look at, not to start again.
+        """
+        where = f"{to_host} ({to_uri})"
+        if to_uri is None:
+            raise HypervisorError(
+                f"cannot migrate VM {name!r} to {to_host}: the host has no libvirt URI"
+            )
+        with self._vm_lock(name):
+            self._run(
+                f"migrate VM {name!r} to {where}",
+                lambda conn: self._migrate(conn, name, to_uri),
+                retry=False,
+            )
+
     def access_socket(self, name: str) -> str | None:
         """The socket of the channel to the access proxy inside the VM, found like the agent's."""
         return self._channel_socket(name, ACCESS_CHANNEL)
@@ -461,6 +487,15 @@ class LibvirtHypervisor:
             time.sleep(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
         if not stopped():
             _attempt(domain.destroy, stopped)
+
+    def _migrate(self, conn: Any, name: str, to_uri: str) -> None:
+        domain = self._managed(conn, name)
+        if not domain.isActive():
+            raise HypervisorError(
+                f"cannot migrate VM {name!r}: it is not running at {self._uri}"
+                " (only a running VM migrates)"
+            )
+        domain.migrateToURI3(to_uri, {}, _MIGRATE_FLAGS)
 
     def _undefine(self, conn: Any, name: str) -> None:
         domain = _lookup(conn, name)

@@ -45,11 +45,11 @@ from vmfabric.lab.state import (
 )
 from vmfabric.lab.vm import (
     agent_name,
-    agent_socket_path,
     clear_fault,
     dhcp_client_name,
     spawn_socket_owner,
     start_agent,
+    vm_agent_socket,
     vm_named,
 )
 
@@ -128,6 +128,25 @@ def heal(vm_name: str, store: LabStore | None = None) -> dict[str, Any]:
             record.remember_vm(vm)
             healed.append(kind)
         return {**_summary(vm), "healed": healed}
+
+
+def carry_over(record: Record, before: VmRecord, after: VmRecord) -> None:
+    """Give a migrated VM's faults to its record on the destination (`after`, whose NICs are
+    on the destination's bridges): a fault is a condition of the VM, so it follows the VM.
+
+    Rules are made again for the new bridges (and the cookie naming the new host) before the
+    source's go; the fault's processes run on in the VM's namespace, recorded under the new
+    host's names; NICs a fault holds down the switch-over left down.
+    """
+    for kind, fault in before.faults.items():
+        moved = _plan(record, after, FaultKind(kind))
+        for flows in moved.flows:
+            ovs.add_flows(flows.bridge, flows.rules)
+        for flows in fault.flows:
+            ovs.delete_flows(flows.bridge, flows.cookie)
+        for old, new in zip(fault.processes, moved.processes, strict=True):
+            record.rename_process(old, new)
+        after.faults[kind] = moved
 
 
 def fault_cookie(vm: VmRecord, kind: FaultKind) -> int:
@@ -250,7 +269,7 @@ def _ensure_hang_listener(record: Record, vm: VmRecord) -> None:
     known = record.state.processes.get(_hang_name(vm))
     if known is not None and proc.is_alive(known):
         return
-    socket_path = agent_socket_path(vm.host, vm.name)
+    socket_path = vm_agent_socket(vm)
     staging = socket_path.with_name("qga.tmp")
     for path in (socket_path, staging):
         path.unlink(missing_ok=True)

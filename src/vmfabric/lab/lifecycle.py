@@ -7,6 +7,7 @@ record, whatever state a crash left it in; running it twice is harmless.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -29,15 +30,23 @@ from vmfabric.lab.names import (
     host_bridge,
     host_uplink,
     lab_hosts,
+    peer_link,
 )
 from vmfabric.lab.netns import delete_link, link_exists, netns_exists, sync_addresses
 from vmfabric.lab.plumbing import make_netns, remove_netns
-from vmfabric.lab.state import LabState, LabStore, ProcessRecord, Record, VmRecord
+from vmfabric.lab.state import (
+    LabState,
+    LabStore,
+    PeerLinkRecord,
+    ProcessRecord,
+    Record,
+    VmRecord,
+)
 from vmfabric.lab.vm import (
-    agent_socket_path,
     destroy_vm,
     install_dhcp_script,
     is_running,
+    vm_agent_socket,
     vm_named,
 )
 
@@ -45,11 +54,11 @@ Progress = Callable[[str], None]
 """Told the name of each step as it begins, for a progress display."""
 
 
-def _quiet(_step: str) -> None:
+def quiet(_step: str) -> None:
     """The progress display of callers that show none."""
 
 
-def up(hosts: int = 2, *, controller: bool = True, progress: Progress = _quiet) -> dict[str, Any]:
+def up(hosts: int = 2, *, controller: bool = True, progress: Progress = quiet) -> dict[str, Any]:
     """Build the lab with `hosts` hosts; with `controller`, also start/find it and register.
 
     Tests of the drivers pass `controller=False`: they need the switch, not the API.
@@ -69,8 +78,9 @@ def up(hosts: int = 2, *, controller: bool = True, progress: Progress = _quiet) 
     return result
 
 
-def build(hosts: int, progress: Progress = _quiet) -> list[str]:
-    """The switch, the fabric bridge, one bridge per host joined to it, and `vmf-wan`."""
+def build(hosts: int, progress: Progress = quiet) -> list[str]:
+    """The switch, the fabric bridge, one bridge per host joined to it, a peer link between
+    every two host bridges, and `vmf-wan`."""
     names = lab_hosts(hosts)
     with LabStore().edit() as record:
         _refuse_foreign_lab(record.state)
@@ -82,13 +92,15 @@ def build(hosts: int, progress: Progress = _quiet) -> list[str]:
         for host in names:
             progress(f"Creating bridge {host_bridge(host)}")
             _add_host(record, host)
+        progress("Joining the hosts by peer links")
+        _add_peer_links(record)
         progress(f"Creating {WAN_NETNS}")
         make_netns(record, WAN_NETNS)
         sync_addresses("lo", WAN_NETNS, {WAN_ADDRESS})
     return names
 
 
-def down(progress: Progress = _quiet) -> dict[str, Any]:
+def down(progress: Progress = quiet) -> dict[str, Any]:
     """Remove everything the record names: controller (if ours), VMs, networks, switch, files.
 
     Processes that other parts started inside lab namespaces (dnsmasq in a DHCP namespace)
@@ -123,6 +135,7 @@ def status() -> dict[str, Any]:
         "processes": [_process_view(p) for p in state.processes.values()],
         "vms": [_vm_view(state, vm) for vm in state.vms.values()],
         "networks": [net.model_dump() for net in state.networks.values()],
+        "peer_links": [link.model_dump() for link in state.peer_links.values()],
         "controller": {
             "url": api_url(),
             "started_by_lab": controller is not None,
@@ -171,10 +184,43 @@ def _add_host(record: Record, host: str) -> None:
     bridge = host_bridge(host)
     ovs.add_bridge(record, bridge)
     uplink, fabric_end = host_uplink(host)
-    ovs.add_patch_pair(bridge, uplink, FABRIC_BRIDGE, fabric_end)
+    ovs.add_uplink(bridge, uplink, FABRIC_BRIDGE, fabric_end)
     if host not in record.state.hosts:
         record.state.hosts.append(host)
         record.save()
+
+
+def _add_peer_links(record: Record) -> None:
+    """A peer link between every two hosts of the lab, recorded first, made in one go.
+
+    Existing ones are made again too: their settings keep NORMAL forwarding off them.
+    """
+    links = [
+        PeerLinkRecord(
+            host=host,
+            port=peer_link(host, other),
+            peer_host=other,
+            peer_port=peer_link(other, host),
+        )
+        for host, other in itertools.combinations(record.state.hosts, 2)
+    ]
+    record.remember_peer_links(links)
+    ovs.add_peer_links(
+        [
+            (
+                ovs.PeerEnd(host_bridge(link.host), link.port, leads_to=link.peer_host),
+                ovs.PeerEnd(host_bridge(link.peer_host), link.peer_port, leads_to=link.host),
+            )
+            for link in links
+        ]
+    )
+
+
+def _remove_peer_link(record: Record, port: str) -> None:
+    link = record.state.peer_links[port]
+    if ovs.database_running(record.state):
+        ovs.delete_port(link.port, link.peer_port)
+    record.forget_peer_link(port)
 
 
 class _Attempts:
@@ -208,6 +254,8 @@ def _tear_down(record: Record, store: LabStore, progress: Progress) -> list[str]
             attempts.run(f"process {name}", _end_process, record, name)
     for name in list(state.links):
         attempts.run(f"link {name}", _remove_link, record, name)
+    for port in list(state.peer_links):
+        attempts.run(f"peer link {port}", _remove_peer_link, record, port)
     progress("Stopping Open vSwitch")
     attempts.run("Open vSwitch", ovs.stop, record)
     return attempts.failures
@@ -254,7 +302,8 @@ def _vm_view(state: LabState, vm: VmRecord) -> dict[str, Any]:
         "netns": vm.netns,
         "defined": vm.defined,
         "running": is_running(state, vm),
-        "agent_socket": str(agent_socket_path(vm.host, vm.name)),
+        "agent_socket": str(vm_agent_socket(vm)),
         "nics": [nic.model_dump() for nic in vm.nics],
         "faults": [fault.model_dump() for fault in vm.faults.values()],
+        "migration": vm.migration.model_dump() if vm.migration else None,
     }

@@ -58,8 +58,21 @@ def host_uplink(host: str) -> tuple[str, str]:
     return f"{PREFIX}-{host}-up", f"{PREFIX}-up-{host}"
 
 
+def peer_link(host: str, other: str) -> str:
+    """The port on `host`'s bridge of the peer link to `other`'s (whose end is
+    `peer_link(other, host)`); it is not a kernel interface, but keeps to the same length."""
+    name = f"{PREFIX}-{check_label('host', host)}-{check_label('host', other)}"
+    if len(name) > MAX_IFNAME:
+        raise LabInputError(
+            f"the peer link name {name} is longer than {MAX_IFNAME} characters; "
+            "lab hosts are named hv1...hvN"
+        )
+    return name
+
+
 def vm_netns(host: str, vm: str) -> str:
-    """One namespace per VM and host, so a VM can exist on two hosts during a migration."""
+    """One namespace per VM and host it was defined on, so a VM can be defined on two hosts;
+    a VM that migrates keeps its namespace (its record names it)."""
     return f"{PREFIX}-vm.{check_label('host', host)}.{check_label('VM', vm)}"
 
 
@@ -71,6 +84,18 @@ def vm_port(host: str, vm: str, index: int) -> str:
 def vm_ifname(index: int) -> str:
     """The VM's side of NIC `index`, named as a guest would see it."""
     return f"eth{index}"
+
+
+def incoming_ifname(index: int) -> str:
+    """The VM's side of NIC `index`'s destination port during a migration, until the
+    switch-over gives it the NIC's own name."""
+    return f"{PREFIX}-in{index}"
+
+
+def outgoing_ifname(index: int) -> str:
+    """The VM's side of NIC `index`'s source port once the switch-over took its name, until
+    its veth is deleted."""
+    return f"{PREFIX}-out{index}"
 
 
 def router_netns(network: str) -> str:

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from vmfabric.lab.errors import CommandError
 from vmfabric.lab.proc import end_pid, run
@@ -112,15 +113,31 @@ def link_mac(ifname: str, netns: str) -> str:
     return str(info[0]["address"])
 
 
-def global_addresses(ifname: str, netns: str) -> set[str]:
-    """The interface's addresses that are not link-local, as `address/prefix`."""
+def global_address_details(ifname: str, netns: str) -> list[dict[str, Any]]:
+    """The interface's addresses that are not link-local, as `ip -j addr` describes them
+    (`family`, `local`, `prefixlen`, `broadcast`, lifetimes)."""
     shown = json.loads(run(_ip(netns, "-j", "addr", "show", "dev", ifname)).stdout)
-    return {
-        f"{info['local']}/{info['prefixlen']}"
+    return [
+        info
         for entry in shown
         for info in entry.get("addr_info", [])
         if info.get("scope") == "global"
+    ]
+
+
+def global_addresses(ifname: str, netns: str) -> set[str]:
+    """The interface's addresses that are not link-local, as `address/prefix`."""
+    return {
+        f"{info['local']}/{info['prefixlen']}" for info in global_address_details(ifname, netns)
     }
+
+
+def device_routes(ifname: str, netns: str, version: int) -> list[dict[str, Any]]:
+    """The main table's IPv`version` routes through the interface, as `ip -j route` shows
+    them (`dst`, `gateway`, `metric`, `protocol` unless boot, `scope` unless global)."""
+    shown = run(_ip(netns, f"-{version}", "-j", "route", "show", "dev", ifname)).stdout
+    routes: list[dict[str, Any]] = json.loads(shown or "[]")
+    return routes
 
 
 def sync_addresses(ifname: str, netns: str, wanted: set[str]) -> None:

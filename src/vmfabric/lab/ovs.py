@@ -146,16 +146,70 @@ def add_bridge(record: Record, name: str) -> None:
     vsctl("--may-exist", "add-br", name, "--", "set", "bridge", name, "datapath_type=netdev")
 
 
-def add_patch_pair(bridge_a: str, port_a: str, bridge_b: str, port_b: str) -> None:
-    """Join two bridges by patch ports; untagged patch ports carry every VLAN (a trunk)."""
+PEER_VLAN = 4095
+"""The access VLAN of every peer link. 802.1Q reserves it, so no network has it (networks use
+1-4094): the switch's NORMAL forwarding never sends a network's frame, flooded or learned, to
+a peer link. What a peer link brings in untagged lands in this VLAN, which host uplinks do not
+trunk and which other peer links share only as protected ports (no traffic between them), so
+NORMAL never sends it anywhere either; a tagged frame on an access port is dropped. OpenFlow
+rules ignore all of this: `output:<peer link>` sends the frame as it is."""
+
+UPLINK_VLANS = f"0-{PEER_VLAN - 1}"
+"""The VLANs a host uplink trunks: all but the peer links' one."""
+
+
+def add_uplink(bridge: str, port: str, fabric: str, fabric_port: str) -> None:
+    """Join a host bridge to the fabric bridge by patch ports: a trunk of every VLAN but
+    `PEER_VLAN` (settings are re-applied to an existing pair)."""
     vsctl(
-        *_patch_port(bridge_a, port_a, port_b),
+        *_patch_port(bridge, port, fabric_port, port_columns=[f"trunks={UPLINK_VLANS}"]),
         "--",
-        *_patch_port(bridge_b, port_b, port_a),
+        *_patch_port(fabric, fabric_port, port),
     )
 
 
-def _patch_port(bridge: str, port: str, peer: str) -> list[str]:
+@dataclass(frozen=True)
+class PeerEnd:
+    """One end of a peer link: its port on `bridge`, marked with the host it leads to."""
+
+    bridge: str
+    port: str
+    leads_to: str
+
+
+def add_peer_links(links: Sequence[tuple[PeerEnd, PeerEnd]]) -> None:
+    """Make peer links (or re-apply their settings) in one transaction.
+
+    Each end is an access port of `PEER_VLAN`, protected, with `external_ids:vmfabric-peer`
+    naming the host it leads to, on its Port and its Interface row alike (the switch driver
+    reads either).
+    """
+    commands: list[str] = []
+    for a, b in links:
+        commands += ["--", *_peer_port(a, b.port), "--", *_peer_port(b, a.port)]
+    if commands:
+        vsctl(*commands[1:])
+
+
+def _peer_port(end: PeerEnd, peer: str) -> list[str]:
+    mark = f"external_ids:vmfabric-peer={end.leads_to}"
+    return _patch_port(
+        end.bridge,
+        end.port,
+        peer,
+        port_columns=[f"tag={PEER_VLAN}", "protected=true", mark],
+        interface_columns=[mark],
+    )
+
+
+def _patch_port(
+    bridge: str,
+    port: str,
+    peer: str,
+    port_columns: Sequence[str] = (),
+    interface_columns: Sequence[str] = (),
+) -> list[str]:
+    port_settings = ["--", "set", "port", port, *port_columns] if port_columns else []
     return [
         "--may-exist",
         "add-port",
@@ -167,6 +221,8 @@ def _patch_port(bridge: str, port: str, peer: str) -> list[str]:
         port,
         "type=patch",
         f"options:peer={peer}",
+        *interface_columns,
+        *port_settings,
     ]
 
 
@@ -180,9 +236,11 @@ def add_access_port(bridge: str, port: str, vlan: int, mac: str | None = None) -
     vsctl("--may-exist", "add-port", bridge, port, "--", "set", "port", port, f"tag={vlan}", *marks)
 
 
-def delete_port(port: str) -> None:
-    """Unplug a port, without waiting for the daemon (it may be gone already)."""
-    vsctl("--no-wait", "--if-exists", "del-port", port)
+def delete_port(*ports: str) -> None:
+    """Unplug ports in one transaction, without waiting for the daemon (it may be gone)."""
+    commands = [arg for port in ports for arg in ("--", "--if-exists", "del-port", port)]
+    if commands:
+        vsctl("--no-wait", *commands[1:])
 
 
 def add_flows(bridge: str, flows: Sequence[str]) -> None:

@@ -41,13 +41,16 @@ def run(
     env: dict[str, str] | None = None,
     check: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion; with `check`, a failure raises a readable CommandError."""
+    """Run a command to completion, fed `stdin` if given; with `check`, a failure raises a
+    readable CommandError."""
     full = in_netns(netns, argv)
     try:
         done = subprocess.run(
             full,
-            stdin=subprocess.DEVNULL,
+            input=stdin,
+            stdin=subprocess.DEVNULL if stdin is None else None,
             capture_output=True,
             text=True,
             env=env,

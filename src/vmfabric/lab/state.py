@@ -89,8 +89,20 @@ class FaultRecord(BaseModel):
     links: list[str] = Field(default_factory=list)
 
 
+class MigrationRecord(BaseModel):
+    """A move of a VM to `host` under way (`vmfabric.lab.migration`): its NICs as they are on
+    the destination, each VM end under its temporary name until the switch-over."""
+
+    host: str
+    nics: list[NicRecord] = Field(default_factory=list)
+
+
 class VmRecord(BaseModel):
-    """A lab VM. `defined` turns true only once every part exists; `faults` by kind."""
+    """A lab VM. `defined` turns true only once every part exists; `faults` by kind.
+
+    `netns` and `directory` are named after the host the VM was defined on and stay with it
+    when it migrates: look them up here, never recompute them from `host`.
+    """
 
     name: str
     host: str
@@ -103,6 +115,7 @@ class VmRecord(BaseModel):
     defined: bool = False
     running: bool = False
     faults: dict[str, FaultRecord] = Field(default_factory=dict)
+    migration: MigrationRecord | None = None
 
     @property
     def key(self) -> str:
@@ -132,6 +145,17 @@ class NetworkRecord(BaseModel):
     transit: int | None = None
 
 
+class PeerLinkRecord(BaseModel):
+    """A patch-port pair joining two host bridges that only OpenFlow rules use, the lab's
+    stand-in for a tunnel between two hosts: `port` on `host`'s bridge, `peer_port` on
+    `peer_host`'s."""
+
+    host: str
+    port: str
+    peer_host: str
+    peer_port: str
+
+
 class LabState(BaseModel):
     """Everything the lab made, for `down` to remove and `status` to show."""
 
@@ -143,6 +167,7 @@ class LabState(BaseModel):
     processes: dict[str, ProcessRecord] = Field(default_factory=dict)
     vms: dict[str, VmRecord] = Field(default_factory=dict)
     networks: dict[str, NetworkRecord] = Field(default_factory=dict)
+    peer_links: dict[str, PeerLinkRecord] = Field(default_factory=dict)
     datapath_taps: list[str] = Field(default_factory=list)
 
 
@@ -210,6 +235,23 @@ class Record:
     def forget_process(self, name: str) -> None:
         """Drop a process that has ended."""
         self.state.processes.pop(name, None)
+        self.save()
+
+    def rename_process(self, old: str, new: str) -> None:
+        """Record a running process under another name (a migrated VM's, named by its host)."""
+        process = self.state.processes.pop(old, None)
+        if process is not None:
+            self.state.processes[new] = process.model_copy(update={"name": new})
+        self.save()
+
+    def remember_peer_links(self, links: list[PeerLinkRecord]) -> None:
+        """Record peer links about to be made (up to 2016 of them: saved once)."""
+        self.state.peer_links.update((link.port, link) for link in links)
+        self.save()
+
+    def forget_peer_link(self, port: str) -> None:
+        """Drop a peer link that is gone."""
+        self.state.peer_links.pop(port, None)
         self.save()
 
     def remember_vm(self, vm: VmRecord) -> None:

@@ -64,8 +64,13 @@ def vm_dir(host: str, vm: str) -> Path:
 
 
 def agent_socket_path(host: str, vm: str) -> Path:
-    """The unix socket of the VM's qemu-ga."""
+    """The unix socket of the qemu-ga of a VM defined on `host`."""
     return vm_dir(host, vm) / "qga.sock"
+
+
+def vm_agent_socket(vm: VmRecord) -> Path:
+    """The unix socket of the VM's qemu-ga, in its directory (which a migration keeps)."""
+    return Path(vm.directory) / "qga.sock"
 
 
 def dhcp_script() -> Path:
@@ -158,7 +163,8 @@ def destroy_vm(record: Record, vm: VmRecord) -> None:
     if agent is not None:
         proc.stop(agent)
         record.forget_process(agent.name)
-    clear_netns(record, vm.netns, [nic.port for nic in vm.nics])
+    incoming = vm.migration.nics if vm.migration else []
+    clear_netns(record, vm.netns, [nic.port for nic in [*vm.nics, *incoming]])
     shutil.rmtree(vm.directory, ignore_errors=True)
     _remove_if_empty(Path(vm.directory).parent)
     record.forget_vm(vm.key)
@@ -211,6 +217,18 @@ def _check_spec(state: LabState, host: str, spec: VmSpec) -> None:
         if nic.mac is not None:
             _check_mac(nic.mac)
     _check_socket_path(agent_socket_path(host, spec.name))
+    _refuse_moved_vm(state, host, spec.name)
+
+
+def _refuse_moved_vm(state: LabState, host: str, name: str) -> None:
+    """A VM that migrated away from `host` keeps the namespace and directory it had there."""
+    netns = vm_netns(host, name)
+    for other in state.vms.values():
+        if other.key != vm_key(host, name) and other.netns == netns:
+            raise LabInputError(
+                f"VM {name} moved from {host} to {other.host} and still lives in {netns}; "
+                f"remove it from {other.host} before defining it on {host} again"
+            )
 
 
 def _check_mac(mac: str) -> str:
@@ -318,7 +336,7 @@ def start_agent(record: Record, vm: VmRecord) -> None:
     """Start the VM's qemu-ga on its socket and wait until the socket exists."""
     directory = Path(vm.directory)
     directory.mkdir(parents=True, exist_ok=True)
-    socket = directory / "qga.sock"
+    socket = vm_agent_socket(vm)
     socket.unlink(missing_ok=True)
     argv = [
         "qemu-ga",

@@ -8,8 +8,11 @@ whole (`cookie`/`mask`) without touching the rules of anybody else. One module p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
+
+_COOKIE = re.compile(r"^\s*cookie=(0x[0-9a-fA-F]+|\d+)")
 
 
 class VswitchError(Exception):
@@ -42,3 +45,45 @@ class Vswitch(Protocol):
         unfiltered) and a refused rule leaves the previous set in place.
         """
         ...
+
+    def change_flows(
+        self, bridge: str, deletes: Sequence[tuple[int, int]], adds: Sequence[str]
+    ) -> None:
+        """Remove the rules matching each `(cookie, mask)` of `deletes` and add `adds`, atomically.
+
+        A migration moves a VM's rules of several kinds at once (its send rules go, its receive
+        rules become redirects); one commit keeps the VM from ever being half filtered. Each
+        added rule must carry a cookie matching one of `deletes`, so a later change can remove
+        it again.
+        """
+        ...
+
+    def packets(self, bridge: str, cookie: int, mask: int) -> int:
+        """How many packets the rules whose cookie matches `cookie`/`mask` have matched.
+
+        A growing count tells the controller that a VM's traffic flows through its rules on a
+        host, i.e. that the VM really runs there now.
+        """
+        ...
+
+    def peer_ports(self, bridge: str) -> dict[str, int]:
+        """Other host -> OpenFlow port of the peer link from `bridge` to that host's switch.
+
+        Redirect rules send a migrating VM's packets in flight over these links; links whose
+        port has no number yet are left out.
+        """
+        ...
+
+    def announce(self, bridge: str, ofport: int, mac: str, ipv4: str) -> None:
+        """Send a gratuitous ARP for `mac`/`ipv4` into `bridge` as if it came from `ofport`.
+
+        After a migration the learning switches on the way still send the VM's traffic to its
+        old host; QEMU announces the VM from its new port so they relearn, and so does this.
+        """
+        ...
+
+
+def cookie_of(rule: str) -> int:
+    """The cookie a rule text starts with, as the switches print them (0 when it has none)."""
+    found = _COOKIE.match(rule)
+    return int(found[1], 0) if found else 0

@@ -1,16 +1,18 @@
 """Open vSwitch driver of `Vswitch`: ovs-ofctl for OpenFlow rules, ovs-vsctl for the database.
 
 The command-line tools are the interface Open vSwitch keeps stable across versions; a flow
-text in their syntax is what the rule compilers produce. A replacement is one OpenFlow 1.4
-bundle (`ovs-ofctl --bundle add-flows`) fed on stdin: a `delete` of the cookie's rules followed
-by an `add` per rule, committed by the switch all together or not at all.
+text in their syntax is what the rule compilers produce. A change of rules is one OpenFlow 1.4
+bundle (`ovs-ofctl --bundle add-flows`) fed on stdin: a `delete` per cookie set followed by an
+`add` per rule, committed by the switch all together or not at all.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import struct
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,9 +27,23 @@ TIMEOUT = 60.0
 ATTACHED_MAC = "attached-mac"
 """The Interface `external_ids` key libvirt (and the lab) sets to the NIC's MAC."""
 
+PEER_MARK = "vmfabric-peer"
+"""The Interface `external_ids` key naming the host a peer link leads to."""
+
+SYSTEM_RUNDIR = "/var/run/openvswitch"
+"""Where the system's Open vSwitch keeps its sockets unless `OVS_RUNDIR` says otherwise."""
+
 _COOKIE_BITS = 64
 _ACTIONS = re.compile(r"\bactions?=")
 _COOKIE = re.compile(r"(?:^|[,\s])cookie=(0x[0-9a-fA-F]+|[1-9][0-9]*|0)(?=[,\s]|$)")
+_PACKET_COUNT = re.compile(r"\bpacket_count=(\d+)")
+_BROADCAST = b"\xff" * 6
+_ETH_ARP = 0x0806
+_ARP_ETHERNET_IPV4 = (1, 0x0800, 6, 4)
+"""ARP's hardware type (Ethernet), protocol type (IPv4) and their address lengths."""
+_ARP_REQUEST = 1
+_MIN_FRAME = 60
+"""Ethernet's shortest frame without its checksum; shorter ones are padded with zeros."""
 
 
 class OpenVswitch:
@@ -45,9 +61,118 @@ class OpenVswitch:
         The mark, not the interface name, ties a port to a VM NIC: libvirt names taps `vnetN`
         and reuses the names. Two tool runs whatever the number of ports.
         """
+        found = (_attached_port(ofport, marks) for ofport, marks in self._interfaces(bridge))
+        return dict(port for port in found if port is not None)
+
+    def peer_ports(self, bridge: str) -> dict[str, int]:
+        """Other host -> OpenFlow port of `bridge`'s interfaces marked `vmfabric-peer=<host>`.
+
+        The operator (or the lab) marks the link to each other host, whatever its kind (patch
+        port, tunnel); two tool runs whatever the number of ports.
+        """
+        return {
+            marks[PEER_MARK]: ofport
+            for ofport, marks in self._interfaces(bridge)
+            if PEER_MARK in marks
+        }
+
+    def interface_bridges(self) -> dict[str, str]:
+        """Interface row UUID -> name of the bridge holding it, read in one transaction.
+
+        The port watcher names each new interface's bridge with it; by row, not by name,
+        since a name moved to another bridge is a new row.
+        """
+        listed = self._vsctl(
+            "--format=json",
+            "--columns=name,ports",
+            "list",
+            "Bridge",
+            "--",
+            "--columns=_uuid,interfaces",
+            "list",
+            "Port",
+        )
+        bridges, ports = (json.loads(line) for line in listed.splitlines() if line.strip())
+        bridge_of_port = {
+            port: name for name, members in bridges["data"] for port in _uuids(members)
+        }
+        return {
+            interface: bridge_of_port[port]
+            for (_, port), members in ports["data"]
+            if port in bridge_of_port
+            for interface in _uuids(members)
+        }
+
+    def flows(self, bridge: str, cookie: int, mask: int) -> list[str]:
+        """The rules matching `cookie`/`mask` as `ovs-ofctl --no-stats dump-flows` prints them.
+
+        The switch's own printing is canonical (field order, hex cookies), so two reads of an
+        unchanged switch compare equal; statistics would make them differ, and port names
+        (which ovs-ofctl may print for numbers) would change with a renamed port.
+        """
+        dumped = self._ofctl(
+            "--no-stats", "--no-names", "dump-flows", bridge, _cookie_match(cookie, mask)
+        )
+        return sorted(line.strip() for line in dumped.splitlines() if line.strip())
+
+    def replace_flows(self, bridge: str, cookie: int, mask: int, flows: Sequence[str]) -> None:
+        """`change_flows` with the one set `cookie`/`mask`."""
+        self.change_flows(bridge, [(cookie, mask)], flows)
+
+    def change_flows(
+        self, bridge: str, deletes: Sequence[tuple[int, int]], adds: Sequence[str]
+    ) -> None:
+        """One bundle: a `delete` per `(cookie, mask)` of `deletes`, then an `add` per rule.
+
+        Each added rule must carry a cookie matching one of `deletes`, or a later change could
+        not remove it again. The switch commits the bundle whole or refuses it whole.
+        """
+        lines = [f"delete {_cookie_match(cookie, mask)}" for cookie, mask in deletes]
+        lines += [f"add {_checked_flow(flow, deletes)}" for flow in adds]
+        self._ofctl("--bundle", "add-flows", bridge, "-", stdin="\n".join(lines) + "\n")
+
+    def packets(self, bridge: str, cookie: int, mask: int) -> int:
+        """The sum of the rules' packet counts, added up by the switch (`dump-aggregate`).
+
+        One line whatever the number of rules, where `dump-flows` would print every rule.
+        """
+        reply = self._ofctl("dump-aggregate", bridge, _cookie_match(cookie, mask))
+        found = _PACKET_COUNT.search(reply)
+        if found is None:
+            raise VswitchError(f"ovs-ofctl: no packet count in {reply.strip()!r}")
+        return int(found[1])
+
+    def announce(self, bridge: str, ofport: int, mac: str, ipv4: str) -> None:
+        """A gratuitous ARP from `ofport`, forwarded by `NORMAL` as if the port had sent it.
+
+        `NORMAL` learns the MAC behind `ofport` (in the port's VLAN) and floods the broadcast
+        over the uplinks, so the fabric and every other host bridge relearn it too; the
+        OpenFlow tables are bypassed, so a policy's send rules cannot drop the announcement.
+        """
+        if ofport <= 0:
+            raise VswitchError(f"port {ofport} cannot send: it has no OpenFlow number")
+        frame = gratuitous_arp(mac, ipv4).hex()
+        self._ofctl("packet-out", bridge, f"in_port={ofport} packet={frame} actions=NORMAL")
+
+    @property
+    def database(self) -> str:
+        """The OVSDB server the tools talk to: the given one, else the system's socket."""
+        rundir = self._env.get("OVS_RUNDIR") or os.environ.get("OVS_RUNDIR") or SYSTEM_RUNDIR
+        return self._db or f"unix:{rundir}/db.sock"
+
+    def environ(self) -> dict[str, str]:
+        """The environment every tool of this switch runs in (`OVS_RUNDIR` and friends)."""
+        return {**os.environ, **self._env}
+
+    def _interfaces(self, bridge: str) -> list[tuple[int, dict[str, str]]]:
+        """(OpenFlow port, external_ids) of `bridge`'s numbered interfaces, in two tool runs.
+
+        Interfaces without a number yet (`[]`) or that the switch could not open (-1) cannot
+        carry traffic, so no rule may name them.
+        """
         names = self._vsctl("list-ifaces", bridge).split()
         if not names:
-            return {}
+            return []
         listed = self._vsctl(
             "--format=json",
             "--if-exists",
@@ -57,27 +182,11 @@ class OpenVswitch:
             *names,
         )
         table: dict[str, Any] = json.loads(listed)
-        found = (_attached_port(row) for row in table["data"])
-        return dict(port for port in found if port is not None)
-
-    def flows(self, bridge: str, cookie: int, mask: int) -> list[str]:
-        """The rules matching `cookie`/`mask` as `ovs-ofctl --no-stats dump-flows` prints them.
-
-        The switch's own printing is canonical (field order, hex cookies), so two reads of an
-        unchanged switch compare equal, and statistics would make them differ.
-        """
-        dumped = self._ofctl("--no-stats", "dump-flows", bridge, _cookie_match(cookie, mask))
-        return sorted(line.strip() for line in dumped.splitlines() if line.strip())
-
-    def replace_flows(self, bridge: str, cookie: int, mask: int, flows: Sequence[str]) -> None:
-        """One bundle deleting the rules matching `cookie`/`mask` and adding `flows`.
-
-        Each flow must carry a cookie matching `cookie`/`mask`, or a later replacement could
-        not remove it again.
-        """
-        lines = [f"delete {_cookie_match(cookie, mask)}"]
-        lines += [f"add {_checked_flow(flow, cookie, mask)}" for flow in flows]
-        self._ofctl("--bundle", "add-flows", bridge, "-", stdin="\n".join(lines) + "\n")
+        return [
+            (ofport, dict(pairs))
+            for ofport, (_, pairs) in table["data"]
+            if isinstance(ofport, int) and ofport > 0
+        ]
 
     def _vsctl(self, *args: str) -> str:
         database = [f"--db={self._db}"] if self._db else []
@@ -95,7 +204,7 @@ class OpenVswitch:
                 input=stdin,
                 capture_output=True,
                 text=True,
-                env={**os.environ, **self._env},
+                env=self.environ(),
                 timeout=TIMEOUT,
                 check=False,
             )
@@ -114,16 +223,36 @@ def lab_vswitch() -> OpenVswitch:
     return OpenVswitch(env=access.env, db=access.db)
 
 
-def _attached_port(row: list[Any]) -> tuple[str, int] | None:
-    """(MAC, port) of one `ofport, external_ids` row, if it is a numbered, marked NIC."""
-    ofport, (_, pairs) = row
-    mac = dict(pairs).get(ATTACHED_MAC)
-    if mac is None or not isinstance(ofport, int) or ofport <= 0:
+def _attached_port(ofport: int, marks: Mapping[str, str]) -> tuple[str, int] | None:
+    """(MAC, port) of an interface marked as a VM NIC with a valid MAC."""
+    mac = marks.get(ATTACHED_MAC)
+    if mac is None:
         return None
     try:
         return normalize_mac(mac), ofport
     except ValueError:
         return None
+
+
+def _uuids(cell: list[Any]) -> list[str]:
+    """The UUIDs of an OVSDB JSON reference cell: `["uuid", U]` or `["set", [...]]`."""
+    kind, value = cell
+    return [value] if kind == "uuid" else [uuid for _, uuid in value]
+
+
+def gratuitous_arp(mac: str, ipv4: str) -> bytes:
+    """The announcement a migrated guest sends (virtio's guest announce): a broadcast ARP
+    request in which the sender asks for its own address (sender = target = `ipv4`)."""
+    try:
+        hardware = bytes.fromhex(normalize_mac(mac).replace(":", ""))
+        address = ipaddress.IPv4Address(ipv4).packed
+    except ValueError as error:
+        raise VswitchError(f"cannot announce {mac} {ipv4}: {error}") from None
+    ethernet = struct.pack("!6s6sH", _BROADCAST, hardware, _ETH_ARP)
+    arp = struct.pack(
+        "!HHBBH6s4s6s4s", *_ARP_ETHERNET_IPV4, _ARP_REQUEST, hardware, address, bytes(6), address
+    )
+    return (ethernet + arp).ljust(_MIN_FRAME, b"\0")
 
 
 def _cookie_match(cookie: int, mask: int) -> str:
@@ -134,15 +263,16 @@ def _cookie_match(cookie: int, mask: int) -> str:
     return f"cookie={cookie:#x}/{mask:#x}"
 
 
-def _checked_flow(flow: str, cookie: int, mask: int) -> str:
-    """`flow` if it is one line whose own cookie matches `cookie`/`mask`."""
+def _checked_flow(flow: str, sets: Sequence[tuple[int, int]]) -> str:
+    """`flow` if it is one line whose own cookie matches one of the `(cookie, mask)` sets."""
     if "\n" in flow or "\r" in flow:
         raise VswitchError(f"flow {flow!r} spans several lines")
     found = _COOKIE.search(_ACTIONS.split(flow, maxsplit=1)[0])
-    if found is None or int(found[1], 0) & mask != cookie & mask:
+    own = None if found is None else int(found[1], 0)
+    if own is None or not any(own & mask == cookie & mask for cookie, mask in sets):
+        wanted = " or ".join(f"{cookie:#x}/{mask:#x}" for cookie, mask in sets) or "a deleted set"
         raise VswitchError(
-            f"flow {flow!r} needs a cookie matching {cookie:#x}/{mask:#x}, "
-            "or it could not be replaced later"
+            f"flow {flow!r} needs a cookie matching {wanted}, or it could not be replaced later"
         )
     return flow.strip()
 
