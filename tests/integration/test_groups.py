@@ -7,61 +7,22 @@ lab (`tests/lab/test_group_quarantine.py`, `tests/lab/test_vswitch_openvswitch.p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-
 import pytest
 from fastapi.testclient import TestClient
 
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.domain.quarantine import QUARANTINE_MASK, quarantine_cookie
-from vmfabric.hypervisor import Hypervisor
-from vmfabric.services.context import Controller, HostRef
+from vmfabric.services.context import Controller
 from vmfabric.services.groups import blocked_names
 from vmfabric.services.reconcile import reconcile
-
-
-@dataclass
-class RecordingSwitch:
-    """A switch that holds rules by cookie, as `replace_flows` leaves them."""
-
-    rules: dict[str, list[str]] = field(default_factory=dict)
-    replaces: int = 0
-
-    def ports(self, bridge: str) -> dict[str, int]:
-        return {}
-
-    def flows(self, bridge: str, cookie: int, mask: int) -> list[str]:
-        return sorted(r for r in self.rules.get(bridge, []) if _cookie(r) & mask == cookie)
-
-    def replace_flows(self, bridge: str, cookie: int, mask: int, flows: Sequence[str]) -> None:
-        kept = [r for r in self.rules.get(bridge, []) if _cookie(r) & mask != cookie]
-        self.rules[bridge] = kept + list(flows)
-        self.replaces += 1
-
-
-def _cookie(rule: str) -> int:
-    return int(rule.split(",", 1)[0].removeprefix("cookie="), 16)
-
-
-@dataclass
-class SwitchedAgents:
-    """The real agents' hypervisors, with a recording switch per bridge."""
-
-    switch: RecordingSwitch
-    local: LocalAgents = field(default_factory=LocalAgents)
-
-    def hypervisor(self, host: HostRef) -> Hypervisor:
-        return self.local.hypervisor(host)
-
-    def vswitch(self, host: HostRef) -> RecordingSwitch:
-        return self.switch
+from vmfabric.vswitch import cookie_of
+from vmfabric.vswitch.memory import MemorySwitch
 
 
 @pytest.fixture
-def switch(controller: Controller) -> RecordingSwitch:
-    recording = RecordingSwitch()
-    controller.agents = SwitchedAgents(recording)
+def switch(controller: Controller) -> MemorySwitch:
+    recording = MemorySwitch()
+    controller.agents = LocalAgents(switch=recording)
     return recording
 
 
@@ -82,10 +43,10 @@ def cloud(api: TestClient) -> dict[str, dict[str, object]]:
     return vms
 
 
-def quarantined(switch: RecordingSwitch, bridge: str) -> set[int]:
+def quarantined(switch: MemorySwitch, bridge: str) -> set[int]:
     """VM ids whose quarantine rules the bridge holds."""
     return {
-        _cookie(rule) & ~QUARANTINE_MASK
+        cookie_of(rule) & ~QUARANTINE_MASK
         for rule in switch.flows(bridge, quarantine_cookie(1) & QUARANTINE_MASK, QUARANTINE_MASK)
     }
 
@@ -105,7 +66,7 @@ def block(api: TestClient, group: str, reason: str = "worm found", **extra: obje
     return response.json()
 
 
-def test_groups_are_a_hosts_vms_of_one_image(api: TestClient, switch: RecordingSwitch) -> None:
+def test_groups_are_a_hosts_vms_of_one_image(api: TestClient, switch: MemorySwitch) -> None:
     cloud(api)
     groups = api.get("/api/v1/groups").json()
     assert [(g["name"], g["host"], g["image"], g["vms"]) for g in groups] == [
@@ -117,7 +78,7 @@ def test_groups_are_a_hosts_vms_of_one_image(api: TestClient, switch: RecordingS
 
 
 def test_block_quarantines_the_groups_vms_on_their_host_and_is_audited(
-    api: TestClient, controller: Controller, switch: RecordingSwitch
+    api: TestClient, controller: Controller, switch: MemorySwitch
 ) -> None:
     cloud(api)
     entry = block(api, "hv1-debian12", allow=["10.9.0.5", "10.9.0.0/24"])
@@ -150,7 +111,7 @@ def test_block_quarantines_the_groups_vms_on_their_host_and_is_audited(
 
 
 def test_vm_created_into_a_blocked_group_is_quarantined_and_deleted_ones_leave(
-    api: TestClient, controller: Controller, switch: RecordingSwitch
+    api: TestClient, controller: Controller, switch: MemorySwitch
 ) -> None:
     cloud(api)
     block(api, "hv1-debian12")
@@ -164,7 +125,7 @@ def test_vm_created_into_a_blocked_group_is_quarantined_and_deleted_ones_leave(
 
 
 def test_image_block_covers_every_host_and_group_unblock_says_so(
-    api: TestClient, controller: Controller, switch: RecordingSwitch
+    api: TestClient, controller: Controller, switch: MemorySwitch
 ) -> None:
     cloud(api)
     response = api.post(
@@ -188,7 +149,7 @@ def test_image_block_covers_every_host_and_group_unblock_says_so(
 
 
 def test_restart_puts_the_quarantine_back_on_a_switch_that_lost_it(
-    api: TestClient, controller: Controller, switch: RecordingSwitch
+    api: TestClient, controller: Controller, switch: MemorySwitch
 ) -> None:
     cloud(api)
     block(api, "hv2-debian12")
@@ -218,7 +179,7 @@ def test_restart_puts_the_quarantine_back_on_a_switch_that_lost_it(
 )
 def test_bad_group_requests_are_refused_and_change_nothing(
     api: TestClient,
-    switch: RecordingSwitch,
+    switch: MemorySwitch,
     path: str,
     body: dict[str, object],
     status: int,
@@ -231,12 +192,10 @@ def test_bad_group_requests_are_refused_and_change_nothing(
     assert response.headers["content-type"].startswith("application/problem+json")
     assert detail in str(response.json()["detail"])
     assert api.get("/api/v1/groups").json() == before
-    assert switch.replaces == 0
+    assert switch.changes == 0
 
 
-def test_second_block_is_a_conflict_naming_the_first(
-    api: TestClient, switch: RecordingSwitch
-) -> None:
+def test_second_block_is_a_conflict_naming_the_first(api: TestClient, switch: MemorySwitch) -> None:
     cloud(api)
     block(api, "hv1-alpine")
     again = api.post("/api/v1/groups/hv1-alpine/block", json={"reason": "y", "by": "bob"})

@@ -16,9 +16,11 @@ from vmfabric.vswitch import Vswitch
 class LocalAgents:
     """Builds and caches the hypervisor driver of each host."""
 
-    def __init__(self) -> None:
+    def __init__(self, switch: Vswitch | None = None) -> None:
+        """`switch`, when given, is every host's switch (an in-memory one in tests)."""
         self._drivers: dict[str, Hypervisor] = {}
         self._switches: dict[str, Vswitch | None] = {}
+        self._switch = switch
         self._lock = threading.Lock()
 
     def hypervisor(self, host: HostRef) -> Hypervisor:
@@ -33,6 +35,8 @@ class LocalAgents:
     def vswitch(self, host: HostRef) -> Vswitch | None:
         """The switch driver for `host`: the lab's switch, the system Open vSwitch of a
         libvirt host, none for noop hosts."""
+        if self._switch is not None:
+            return self._switch
         with self._lock:
             if host.name not in self._switches:
                 self._switches[host.name] = _switch(host)

@@ -13,6 +13,7 @@ from vmfabric.api import problems
 from vmfabric.api.routes import metrics_router, router
 from vmfabric.services.checks import Checker, CheckSettings
 from vmfabric.services.context import Controller
+from vmfabric.services.migrations import MigrationEngine
 
 
 def create_app(
@@ -22,12 +23,13 @@ def create_app(
     token: str | None = None,
     background: Callable[[], Callable[[], None]] | None = None,
     checker: Checker | None = None,
+    migrations: MigrationEngine | None = None,
 ) -> FastAPI:
     """The API over `ctl`.
 
     `background` starts the controller's background work (the lease listener) when the app
-    starts and returns the function that stops it; `checker` runs connectivity checks (with
-    default settings when not given).
+    starts and returns the function that stops it; `checker` runs connectivity checks and
+    `migrations` moves VMs with their rules (with default settings when not given).
     """
 
     @asynccontextmanager
@@ -50,6 +52,7 @@ def create_app(
     app.state.controller = ctl
     app.state.lab = lab
     app.state.checker = checker or Checker(CheckSettings())
+    app.state.migrations = migrations or MigrationEngine(ctl)
     problems.install(app)
     if token:
         _require_token(app, token)

@@ -14,6 +14,7 @@ from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import VmState
 from vmfabric.services.checks import Checker, check_status, run_checks
 from vmfabric.services.context import Controller
+from vmfabric.services.migrations import MigrationView
 from vmfabric.store.tables import (
     Allocation,
     GroupBlock,
@@ -44,6 +45,21 @@ GROUP_OPERATIONS = Counter(
     "Blocks and unblocks of groups and images, by outcome",
     ["operation", "outcome"],
     registry=registry,
+)
+POLICY_OPERATIONS = Counter(
+    "vmfabric_policy_operations",
+    "Policy creates, changes, deletes, attaches and detaches, by outcome",
+    ["operation", "outcome"],
+)
+MIGRATIONS = Counter(
+    "vmfabric_migrations",
+    "VM migrations by how they ended (done, rolled-back) and who started them (api, switch)",
+    ["outcome", "asked_by"],
+)
+MIGRATION_SECONDS = Histogram(
+    "vmfabric_migration_seconds",
+    "Time from a migration's start to its end, rules moved and source cleaned (or rolled back)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
 )
 CHECK_SWEEP_SECONDS = Histogram(
     "vmfabric_check_sweep_seconds",
@@ -145,6 +161,13 @@ def timed_checks(ctl: Controller, checker: Checker, vm: str | None = None) -> li
     """`run_checks`, its duration observed (periodic sweeps and `check run` alike)."""
     with CHECK_SWEEP_SECONDS.time():
         return run_checks(ctl, checker, vm)
+
+
+def count_migration(migration: MigrationView) -> None:
+    """A migration that ended: counted by outcome, its duration observed."""
+    MIGRATIONS.labels(migration.phase, migration.asked_by).inc()
+    if migration.seconds is not None:
+        MIGRATION_SECONDS.observe(migration.seconds)
 
 
 def exposition(ctl: Controller) -> bytes:

@@ -1,4 +1,4 @@
-"""The REST API under /api/v1: hosts, networks, VMs, leases, groups.
+"""The REST API under /api/v1: hosts, networks, VMs, leases, groups, checks, policies.
 
 Handlers are plain `def`, which FastAPI runs in its thread pool, since most use cases do
 blocking database and driver work; a VM create, the hot path, is a coroutine on the event
@@ -17,15 +17,38 @@ from prometheus_client import Counter
 from vmfabric import __version__
 from vmfabric.api.metrics import (
     GROUP_OPERATIONS,
+    POLICY_OPERATIONS,
     VM_CREATE_SECONDS,
     VM_OPERATIONS,
     exposition,
     timed_checks,
 )
-from vmfabric.api.schemas import AddressIn, BlockIn, CheckRunIn, HostIn, NetworkIn, UnblockIn, VmIn
+from vmfabric.api.schemas import (
+    AddressIn,
+    AttachIn,
+    BlockIn,
+    CheckRunIn,
+    HostIn,
+    MigrateIn,
+    NetworkIn,
+    PolicyDocumentIn,
+    PolicyIn,
+    UnblockIn,
+    VmIn,
+)
 from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import LeaseEvent
-from vmfabric.services import checks, groups, hosts, leases, networks, registrations, vms
+from vmfabric.services import (
+    checks,
+    groups,
+    hosts,
+    leases,
+    migrations,
+    networks,
+    policies,
+    registrations,
+    vms,
+)
 from vmfabric.services.context import Controller
 from vmfabric.services.views import HostView, NetworkView, VmView
 
@@ -226,6 +249,76 @@ def unblock_image(request: Request, image: str, body: UnblockIn) -> groups.Audit
     asked = groups.BlockRequest(image, body.by, body.reason, image=True)
     with _counted("unblock", GROUP_OPERATIONS):
         return groups.unblock(_ctl(request), asked)
+
+
+@router.post("/vms/{name}/migrate")
+def migrate_vm(request: Request, name: str, body: MigrateIn) -> migrations.MigrationView:
+    """Move a running VM to another host; its network policy follows it (the answer comes
+    once its rules moved, or the move was rolled back)."""
+    engine: migrations.MigrationEngine = request.app.state.migrations
+    with _counted("migrate"):
+        return engine.migrate(name, body.to)
+
+
+@router.get("/migrations")
+def list_migrations(request: Request, vm: str | None = None) -> list[migrations.MigrationView]:
+    """The latest migrations, newest first (of one VM with `?vm=`)."""
+    return migrations.list_migrations(_ctl(request), vm)
+
+
+@router.get("/policies")
+def list_policies(request: Request) -> list[policies.PolicyView]:
+    """Every policy with where it is attached and the VMs it applies to."""
+    return policies.list_policies(_ctl(request))
+
+
+@router.post("/policies", status_code=201)
+def create_policy(request: Request, body: PolicyIn) -> policies.PolicyView:
+    """Create a policy (and attach it); its VMs' switches get the rules at once."""
+    document = body.model_dump(exclude={"name", "vms", "networks"})
+    attach = [policies.Attachment(vm=vm) for vm in body.vms]
+    attach += [policies.Attachment(network=network) for network in body.networks]
+    with _counted("create", POLICY_OPERATIONS):
+        return policies.create_policy(_ctl(request), body.name, document, attach)
+
+
+@router.get("/policies/{name}")
+def show_policy(request: Request, name: str) -> policies.PolicyView:
+    """One policy."""
+    return policies.show_policy(_ctl(request), name)
+
+
+@router.put("/policies/{name}")
+def replace_policy(request: Request, name: str, body: PolicyDocumentIn) -> policies.PolicyView:
+    """Give a policy new rules; the VMs it applies to get them at once."""
+    with _counted("replace", POLICY_OPERATIONS):
+        return policies.replace_policy(_ctl(request), name, body.model_dump())
+
+
+@router.delete("/policies/{name}", status_code=204)
+def delete_policy(request: Request, name: str) -> Response:
+    """Delete a policy that is attached to nothing."""
+    with _counted("delete", POLICY_OPERATIONS):
+        policies.delete_policy(_ctl(request), name)
+    return Response(status_code=204)
+
+
+@router.post("/policies/{name}/attach")
+def attach_policy(request: Request, name: str, body: AttachIn) -> policies.PolicyView:
+    """Attach a policy to a VM or to a network (every NIC on it)."""
+    with _counted("attach", POLICY_OPERATIONS):
+        return policies.attach_policy(_ctl(request), name, _attachment(body))
+
+
+@router.post("/policies/{name}/detach")
+def detach_policy(request: Request, name: str, body: AttachIn) -> policies.PolicyView:
+    """Detach a policy from a VM or a network."""
+    with _counted("detach", POLICY_OPERATIONS):
+        return policies.detach_policy(_ctl(request), name, _attachment(body))
+
+
+def _attachment(body: AttachIn) -> policies.Attachment:
+    return policies.Attachment(vm=body.vm, network=body.network)
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmfabric.services.vms import DEFAULT_IMAGE
@@ -48,6 +50,12 @@ class VmIn(_Body):
     nics: list[NicIn] = Field(min_length=1)
 
 
+class MigrateIn(_Body):
+    """Move a running VM to another host."""
+
+    to: str
+
+
 class AddressIn(_Body):
     """Change a VM's address."""
 
@@ -73,3 +81,29 @@ class CheckRunIn(_Body):
     """Run checks now: of one VM, or of every running VM."""
 
     vm: str | None = None
+
+
+class PolicyDocumentIn(_Body):
+    """A policy's rules, defaults and sets; checked by `domain.policy.parse_policy`."""
+
+    rules: list[dict[str, Any]] = []
+    ingress_default: str = "deny"
+    egress_default: str = "allow"
+    antispoof: bool = True
+    sets: dict[str, list[str]] = {}
+    rate_limit_kbps: int | None = None
+
+
+class PolicyIn(PolicyDocumentIn):
+    """Create a policy, and attach it to VMs and networks at once."""
+
+    name: str
+    vms: list[str] = []
+    networks: list[str] = []
+
+
+class AttachIn(_Body):
+    """Where to attach a policy, or detach it from: one VM or one network."""
+
+    vm: str | None = None
+    network: str | None = None

@@ -6,16 +6,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 import uvloop
 from fastapi import FastAPI
 from pydantic import TypeAdapter
+from sqlalchemy import select
 
 from vmfabric import config
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
-from vmfabric.api.metrics import LEASE_EVENTS, timed_checks
+from vmfabric.api.metrics import LEASE_EVENTS, count_migration, timed_checks
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
 from vmfabric.dhcp.lease_events import LeaseEventListener
 from vmfabric.dns.keyfile import TsigKey
@@ -29,10 +31,13 @@ from vmfabric.services.checks import CheckChange, Checker, CheckSettings
 from vmfabric.services.context import Controller
 from vmfabric.services.guest_addresses import sweep_guest_addresses
 from vmfabric.services.leases import record_lease_event
+from vmfabric.services.migrations import MigrationEngine, MigrationSettings
 from vmfabric.services.reconcile import reconcile
 from vmfabric.services.registrations import NamePublisher
 from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.group_commit import GroupCommitter
+from vmfabric.store.tables import Host
+from vmfabric.vswitch.watch import PortEvent, PortWatcher
 from vmfabric.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,10 @@ CHECK_CHANGED = "vm.check.changed"
 _RESULT_JSON = TypeAdapter(CheckResult)
 GUEST_SWEEP_S = 10.0
 """How often the guest agents are asked for the addresses guests configured themselves."""
+SYSTEM_OVSDB = "/var/run/openvswitch/db.sock"
+"""Where the system's Open vSwitch keeps its database socket (Debian's default)."""
+MIGRATION_TICK_S = 0.1
+"""How often moves are checked for traffic at their destination and for their timeout."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class ServeOptions:
     check_interval_s: float = 60.0
     webhooks: tuple[str, ...] = ()
     webhook_secret: bytes = b""
+    migrations: MigrationSettings = field(default_factory=MigrationSettings)
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -85,11 +95,18 @@ def build_app(options: ServeOptions) -> FastAPI:
     """The controller's app, reconciled with the world and listening for lease events."""
     ctl = build_controller(options.db_url, options.lab)
     reconcile(ctl)
+    engine = MigrationEngine(ctl, options.migrations, on_finish=count_migration)
+    engine.resume()
     sender = WebhookSender(options.webhooks, options.webhook_secret)
     checker = Checker(options.checks, on_change=lambda change: _announce(sender, change))
-    background = _background(ctl, options, checker, sender)
+    background = _background(ctl, options, checker, sender, engine)
     return create_app(
-        ctl, lab=options.lab, token=options.token, background=background, checker=checker
+        ctl,
+        lab=options.lab,
+        token=options.token,
+        background=background,
+        checker=checker,
+        migrations=engine,
     )
 
 
@@ -107,10 +124,15 @@ def _announce(sender: WebhookSender, change: CheckChange) -> None:
 
 
 def _background(
-    ctl: Controller, options: ServeOptions, checker: Checker, sender: WebhookSender
+    ctl: Controller,
+    options: ServeOptions,
+    checker: Checker,
+    sender: WebhookSender,
+    engine: MigrationEngine,
 ) -> Callable[[], Callable[[], None]]:
-    """The lease listener, the DNS server, the sweep of guest addresses and the periodic
-    connectivity checks, started with the app and stopped after it."""
+    """The lease listener, the DNS server, the sweep of guest addresses, the periodic
+    connectivity checks and the switch watcher that drives migrations, started with the app
+    and stopped after it."""
 
     def on_event(event: LeaseEvent) -> None:
         changed = record_lease_event(ctl, event)
@@ -121,6 +143,8 @@ def _background(
         listener = LeaseEventListener(config.lease_socket(), on_event)
         listener.start()
         sweeps = _every(GUEST_SWEEP_S, lambda: sweep_guest_addresses(ctl), "guest-sweep")
+        watch = _watch_switches(ctl, engine, options.lab)
+        ticks = _every(MIGRATION_TICK_S, engine.tick, "migrations")
         checks = (
             _every(options.check_interval_s, lambda: timed_checks(ctl, checker), "checks")
             if options.check_interval_s > 0
@@ -129,6 +153,8 @@ def _background(
 
         def stop() -> None:
             checks()
+            ticks()
+            watch()
             sender.close()
             sweeps()
             listener.close()
@@ -139,6 +165,42 @@ def _background(
         return stop
 
     return start
+
+
+def _watch_switches(ctl: Controller, engine: MigrationEngine, lab: bool) -> Callable[[], None]:
+    """Watch the switch of this machine's hosts (the lab's, or the system Open vSwitch) for
+    VM ports appearing and leaving: they drive the migration method; the function that stops
+    watching."""
+    driver = "lab" if lab else "libvirt"
+    if lab:
+        from vmfabric.vswitch.watch import lab_port_watcher
+
+        watcher = lab_port_watcher()
+    elif Path(SYSTEM_OVSDB).exists():
+        watcher = PortWatcher()
+    else:
+        log.info("no Open vSwitch database at %s: migrations are not watched", SYSTEM_OVSDB)
+        return lambda: None
+
+    def on_event(event: PortEvent) -> None:
+        if event.mac is None:
+            return
+        with ctl.uow() as uow:
+            host = uow.session.scalar(
+                select(Host.name).where(Host.bridge == event.bridge, Host.driver == driver)
+            )
+        if host is None:
+            return
+        try:
+            if event.kind == "added":
+                engine.port_added(host, event.mac, event.ofport)
+            else:
+                engine.port_removed(host, event.mac, event.ofport)
+        except Exception:
+            log.exception("switch event %s not handled", event)
+
+    watcher.start(on_event)
+    return watcher.stop
 
 
 def _every(seconds: float, action: Callable[[], object], name: str) -> Callable[[], None]:

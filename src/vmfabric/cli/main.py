@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vmfabric import config
-from vmfabric.cli import checks, groups, hosts, lab, networks, vms
+from vmfabric.cli import checks, groups, hosts, lab, networks, policies, vms
 from vmfabric.cli.output import fail
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ app.add_typer(networks.app, name="network")
 app.add_typer(vms.app, name="vm")
 app.add_typer(groups.app, name="group")
 app.add_typer(checks.app, name="check")
+app.add_typer(policies.app, name="policy")
 app.add_typer(lab.app, name="lab")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from vmfabric.cli.client import ApiClient
-from vmfabric.cli.output import JsonFlag, console, run, table
+from vmfabric.cli.output import JsonFlag, console, run, steps, table
 
 app = typer.Typer(help="Virtual machines and their addresses.", no_args_is_help=True)
 
@@ -99,3 +99,50 @@ def stop(name: str, as_json: JsonFlag = False) -> None:
 def start(name: str, as_json: JsonFlag = False) -> None:
     """Boot a VM."""
     run(as_json, lambda: ApiClient().post(f"/vms/{name}/start"), lambda vm: _vms_table([vm]))
+
+
+def _migration_table(migrations: list[dict[str, Any]]) -> None:
+    table(
+        "Migrations",
+        ["VM", "FROM", "TO", "PHASE", "ASKED BY", "STARTED", "SECONDS", "DETAIL"],
+        [
+            [
+                m["vm"],
+                m["source"],
+                m["destination"] or "-",
+                m["phase"],
+                m["asked_by"],
+                m["started_at"],
+                "-" if m["seconds"] is None else f"{m['seconds']:.3f}",
+                m["detail"] or "",
+            ]
+            for m in migrations
+        ],
+    )
+
+
+@app.command("migrate")
+def migrate(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="The host to move the VM to.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Move a running VM to another host; its network policy follows it, with no moment
+    in which it runs without its rules."""
+
+    def call() -> Any:
+        with steps(not as_json) as step:
+            step(f"Moving {name} to {to} with its rules")
+            return ApiClient().post(f"/vms/{name}/migrate", {"to": to})
+
+    run(as_json, call, lambda m: _migration_table([m]))
+
+
+@app.command("migrations")
+def migrations(
+    name: Annotated[str | None, typer.Argument(help="Only this VM's.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The latest migrations, newest first."""
+    path = "/migrations" + (f"?vm={name}" if name else "")
+    run(as_json, lambda: ApiClient().get(path), _migration_table)

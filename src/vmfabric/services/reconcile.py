@@ -10,6 +10,7 @@ from vmfabric.services.context import Controller
 from vmfabric.services.groups import enforce_blocks
 from vmfabric.services.leases import sync_leases
 from vmfabric.services.networks import network_infos, provision
+from vmfabric.services.policies import apply_policies
 from vmfabric.services.vms import recover_interrupted_creates, resume_vms
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,14 @@ class ReconcileReport:
     networks: list[str]
     resumed_vms: list[str]
     quarantine_rules: dict[str, int]
+    policy_rules: dict[str, int]
 
 
 def reconcile(ctl: Controller) -> ReconcileReport:
     """Undo interrupted creates, rebuild each network's gateway, DHCP and reservations, catch
     up on the leases its DHCP server handed out meanwhile, put the quarantine rules of
-    blocked groups back on every switch (a restarted switch has lost them), and start VMs
-    that should run."""
+    blocked groups back on every switch (a restarted switch has lost them), start VMs that
+    should run, and make every switch hold exactly the policy rules of its VMs."""
     undone = recover_interrupted_creates(ctl)
     networks = network_infos(ctl)
     lease_changes = 0
@@ -42,6 +44,11 @@ def reconcile(ctl: Controller) -> ReconcileReport:
         log.error("%s", error.detail)
         rules = {}
     resumed = resume_vms(ctl)
+    try:
+        policy_rules = apply_policies(ctl)
+    except Unavailable as error:
+        log.error("%s", error.detail)
+        policy_rules = {}
     log.info(
         "reconciled %d networks (%d lease changes caught up), undid %d interrupted creates, "
         "started %d VMs that should run",
@@ -50,4 +57,4 @@ def reconcile(ctl: Controller) -> ReconcileReport:
         len(undone),
         len(resumed),
     )
-    return ReconcileReport(undone, [n.name for n in networks], resumed, rules)
+    return ReconcileReport(undone, [n.name for n in networks], resumed, rules, policy_rules)

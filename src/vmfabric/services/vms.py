@@ -34,6 +34,7 @@ from vmfabric.services.context import Controller, HostRef, transaction
 from vmfabric.services.groups import enforce_blocks
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.networks import plan_of
+from vmfabric.services.policies import apply_policies, forget_rules
 from vmfabric.services.views import (
     HeldAddress,
     VmView,
@@ -97,11 +98,13 @@ class _Preset:
 
 @dataclass(frozen=True)
 class _Defined:
-    """What step 3 recorded: the NICs with their MACs, and whether the VM's group is blocked
-    (asked in the same transaction, so a block committed later finds the MACs)."""
+    """What step 3 recorded: the NICs with their MACs, whether the VM's group is blocked and
+    whether a network of its has a policy (asked in the same transaction, so a block or
+    policy committed later finds the MACs)."""
 
     nics: list[_PresetNic]
     blocked: bool
+    policed: bool
 
 
 async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
@@ -123,6 +126,8 @@ async def create_vm(ctl: Controller, request: CreateVm) -> VmView:
             nics = defined.nics
             if defined.blocked:  # quarantined before its first packet
                 await anyio.to_thread.run_sync(enforce_blocks, ctl, {preset.host.name})
+            if defined.policed:  # its network's policy before its first packet
+                await anyio.to_thread.run_sync(apply_policies, ctl, {request.name})
             _put_all(ctl, [_reservation(request.name, n) for n in nics])
             await _on_host(hypervisor, hypervisor.start, request.name)
         except BaseException:
@@ -304,7 +309,9 @@ def _record_macs(preset: _Preset, defined: DefinedVm, conn: Connection) -> _Defi
         repository.set_mac(conn, nic.id, mac)
         nics.append(replace(nic, mac=mac, held=nic.held + _claim_slaac(conn, nic, mac)))
     _write_state(defined.name, VmState.RUNNING, conn)
-    return _Defined(nics, repository.is_blocked(conn, preset.group, preset.image))
+    blocked = repository.is_blocked(conn, preset.group, preset.image)
+    policed = any(repository.has_network_policy(conn, nic.network.id) for nic in preset.nics)
+    return _Defined(nics, blocked, policed)
 
 
 def _claim_slaac(conn: Connection, nic: _PresetNic, mac: str) -> tuple[HeldAddress, ...]:
@@ -412,6 +419,8 @@ class _Placed:
 
     hypervisor: Hypervisor
     blocked_on: str | None
+    host: HostRef
+    vm_id: int
 
 
 def _placed(ctl: Controller, name: str) -> _Placed:
@@ -421,18 +430,20 @@ def _placed(ctl: Controller, name: str) -> _Placed:
             raise Conflict(f"VM {name!r} is still being created", vm=name)
         group = group_name(vm.host.name, vm.image)
         blocked = repository.is_blocked(uow.connection, group, vm.image)
-        hypervisor = ctl.agents.hypervisor(host_ref(vm.host))
-        return _Placed(hypervisor, vm.host.name if blocked else None)
+        host = host_ref(vm.host)
+        hypervisor = ctl.agents.hypervisor(host)
+        return _Placed(hypervisor, vm.host.name if blocked else None, host, vm.id)
 
 
 def delete_vm(ctl: Controller, name: str) -> None:
     """Remove the VM from its host, then its reservations, then free its addresses (and its
-    quarantine rules, if it was blocked)."""
+    quarantine and policy rules)."""
     placed = _placed(ctl, name)
     _call(placed.hypervisor.undefine, name)
     _forget_vm(ctl, name)
     if placed.blocked_on is not None:
         enforce_blocks(ctl, {placed.blocked_on})
+    forget_rules(ctl, placed.host, placed.vm_id)
 
 
 def stop_vm(ctl: Controller, name: str) -> VmView:
@@ -450,6 +461,7 @@ def start_vm(ctl: Controller, name: str) -> VmView:
     _set_state(ctl, name, VmState.RUNNING)
     if placed.blocked_on is not None:  # a libvirt port is new at each start: match it too
         enforce_blocks(ctl, {placed.blocked_on})
+    apply_policies(ctl, {name})
     return show_vm(ctl, name)
 
 

@@ -6,7 +6,7 @@ them, and frozen records read with Core statements, for the hot path of creating
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from vmfabric.store.tables import (
     Lease,
     Network,
     Nic,
+    PolicyAttachment,
     ReservedRange,
     Subnet,
     Vm,
@@ -130,6 +131,10 @@ _BLOCKED = Prepared(
         | ((GroupBlock.scope == "image") & (GroupBlock.target == bindparam("image")))
     )
     .limit(1)
+)
+
+_NETWORK_POLICY = Prepared(
+    select(PolicyAttachment.id).where(PolicyAttachment.network_id == bindparam("network")).limit(1)
 )
 
 _INSERT_VM = PreparedInsert(
@@ -249,9 +254,23 @@ def get_vm(session: Session, name: str) -> Vm:
     return vm
 
 
-def list_vms(session: Session) -> Sequence[Vm]:
-    """The patent's global VM list: every VM with host, NICs, MACs and addresses."""
-    return session.scalars(_vm_query().order_by(Vm.name)).all()
+def list_vms(session: Session, names: Collection[str] | None = None) -> Sequence[Vm]:
+    """The patent's global VM list: every VM (or these) with host, NICs, MACs and addresses."""
+    query = _vm_query().order_by(Vm.name)
+    if names is not None:
+        query = query.where(Vm.name.in_(sorted(names)))
+    return session.scalars(query).all()
+
+
+def vm_of_mac(session: Session, mac: str) -> tuple[str, str] | None:
+    """(VM, its host) of the NIC with this MAC, if there is one."""
+    row = session.execute(
+        select(Vm.name, Host.name)
+        .join(Nic, Nic.vm_id == Vm.id)
+        .join(Host, Host.id == Vm.host_id)
+        .where(Nic.mac == mac)
+    ).first()
+    return None if row is None else (row[0], row[1])
 
 
 def running_vms(session: Session, name: str | None = None) -> Sequence[Vm]:
@@ -304,6 +323,14 @@ def registration_rows(conn: Connection, vm: str | None = None) -> list[Any]:
     if vm is None:
         return [row for query in _EVERY_REGISTRATION for row in query.rows(conn)]
     return [row for query in _REGISTRATION for row in query.rows(conn, {"vm": vm})]
+
+
+def has_network_policy(conn: Connection, network_id: int) -> bool:
+    """Whether a policy is attached to the network (its new VMs get it before they start).
+
+    Asked by every VM create, so without the ORM.
+    """
+    return _NETWORK_POLICY.scalar(conn, {"network": network_id}) is not None
 
 
 def is_blocked(conn: Connection, group: str, image: str) -> bool:

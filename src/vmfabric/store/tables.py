@@ -234,3 +234,57 @@ class GroupAudit(Base):
 
 
 Index("ix_group_audit_target", GroupAudit.scope, GroupAudit.target)
+
+
+class Policy(Base):
+    """A network policy as the operator wrote it (`domain.policy`'s canonical document)."""
+
+    __tablename__ = "policies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PolicyAttachment(Base):
+    """A policy attached to one VM or to one network (every NIC on it); a VM or a network
+    has at most one, and loses it with itself."""
+
+    __tablename__ = "policy_attachments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), unique=True)
+    network_id: Mapped[int | None] = mapped_column(
+        ForeignKey("networks.id", ondelete="CASCADE"), unique=True
+    )
+    policy: Mapped[Policy] = relationship()
+    vm: Mapped[Vm | None] = relationship()
+    network: Mapped[Network | None] = relationship()
+
+
+class VmMigration(Base):
+    """One move of a VM between hosts and where its rules are in the method (CN103051479A):
+    `ports` maps each NIC's MAC to its old and new switch port, `saved` keeps the send rules
+    taken off the source, so a restarted controller resumes or rolls back."""
+
+    __tablename__ = "vm_migrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm: Mapped[str] = mapped_column(String(63))
+    source: Mapped[str] = mapped_column(String(63))
+    destination: Mapped[str] = mapped_column(String(63))
+    phase: Mapped[str] = mapped_column(String(16))
+    asked_by: Mapped[str] = mapped_column(String(16))
+    ports: Mapped[dict[str, dict[str, int | None]]] = mapped_column(JSON)
+    saved: Mapped[list[str]] = mapped_column(JSON)
+    detail: Mapped[str | None] = mapped_column(String(1024))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+Index("ix_vm_migrations_vm", VmMigration.vm_id, VmMigration.phase)
