@@ -7,6 +7,7 @@ lab (`tests/lab/test_policy_migration.py`).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -148,8 +149,6 @@ def test_a_vm_whose_destination_never_shows_rolls_back_after_the_timeout(
 def test_a_move_out_of_time_rolls_back(
     controller: Controller, switch: MemorySwitch, engine: MigrationEngine, mac: str
 ) -> None:
-    import time
-
     switch.plugged["br-hv2"] = {mac: NEW_PORT}
     engine.port_added("hv2", mac, NEW_PORT)
     time.sleep(0.6)
@@ -169,6 +168,23 @@ def test_a_restarted_controller_finishes_a_move_the_switch_completed(
     assert phase(controller) == "moved"
     restarted.tick()
     assert phase(controller) == "done" and host_of(controller) == "hv2"
+
+
+def test_a_restarted_controller_rolls_back_a_move_abandoned_while_it_was_down(
+    controller: Controller, switch: MemorySwitch, engine: MigrationEngine, mac: str
+) -> None:
+    sent_before = rules(switch, "br-hv1", controller, SEND_KIND)
+    switch.plugged["br-hv2"] = {mac: NEW_PORT}
+    engine.port_added("hv2", mac, NEW_PORT)
+    del switch.plugged["br-hv2"][mac]  # the controller was down when the move was aborted
+    restarted = MigrationEngine(controller, MigrationSettings(timeout_s=30, grace_s=0.0))
+    restarted.resume()
+    view = list_migrations(controller, "web1")[0]
+    assert view.phase == "rolled-back" and "back on its source" in str(view.detail)
+    assert rules(switch, "br-hv1", controller, SEND_KIND) == sent_before
+    assert rules(switch, "br-hv2", controller, SEND_KIND) == []
+    assert rules(switch, "br-hv2", controller, RECEIVE_KIND) == []
+    assert host_of(controller) == "hv1"
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,9 @@ class MigrationEngine:
         if destination is not None and at_destination and not at_source:
             for mac, ofport in at_destination.items():
                 self._arrived(self._reload(move.id), destination.name, mac, ofport)
-        elif at_source and move.phase in (OUT, MOVED):
+        elif at_source and (
+            move.phase in (OUT, MOVED) or (move.phase == IN and not at_destination)
+        ):
             self._roll_back(move.id, "the VM is back on its source host after a restart")
 
     # The steps -----------------------------------------------------------------------
