@@ -86,6 +86,9 @@ def test_destination_first_moves_send_rules_redirects_then_cleans_up(
     assert any(f"output:{NEW_PORT}" in r for r in rules(switch, "br-hv2", controller, RECEIVE_KIND))
     assert rules(switch, "br-hv1", controller, SEND_KIND) == sent_before  # the VM still runs there
 
+    with controller.uow() as uow:
+        vlan = repository.get_vm(uow.session, "web1").nics[0].network.vlan
+    switch.tags["br-hv1"] = {4: vlan, 6: vlan + 1}  # a neighbour, a VM of another VLAN
     del switch.plugged["br-hv1"][mac]
     engine.port_removed("hv1", mac, OLD_PORT)
     assert phase(controller) == "moved"
@@ -93,6 +96,8 @@ def test_destination_first_moves_send_rules_redirects_then_cleans_up(
     redirected = rules(switch, "br-hv1", controller, RECEIVE_KIND)
     assert redirected and all(f"output:{PEER_LINK}" in r or "drop" in r for r in redirected)
     assert any(f"output:{PEER_LINK}" in r and "tp_dst=80" in r for r in redirected)
+    untagged = [r for r in redirected if "vlan_tci=0x0000/0x1fff" in r]
+    assert untagged and all("in_port=4," in r for r in untagged)
     assert list_migrations(controller, "web1")[0].ports[mac] == {"old": OLD_PORT, "new": NEW_PORT}
     assert switch.announced and switch.announced[0][:3] == ("br-hv2", NEW_PORT, mac)
 

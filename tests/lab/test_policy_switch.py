@@ -285,7 +285,8 @@ def redirect(
         DESTINATION, send_cookie(VM.vm_id), VM_RULES_MASK, [*moved.send, *moved.receive]
     )
     receive = switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT)
-    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE])
+    neighbours = switch.vlan_ports(SOURCE, VLAN)
+    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE], neighbours)
     switch.replace_flows(SOURCE, send_cookie(VM.vm_id), VM_RULES_MASK, redirected)
 
 
@@ -319,6 +320,21 @@ def test_a_redirected_packet_crosses_the_peer_link_tagged_once(lab: Lab) -> None
         assert result.outputs == [(odp(lab, "hv2", "web"), ())], result.text
 
 
+def test_while_redirected_a_port_of_another_vlan_still_cannot_reach_the_vm(lab: Lab) -> None:
+    policy = Policy("web", ingress_default=Action.ALLOW)
+    switch = install(lab, policy, {})
+    assert switch.vlan_ports(SOURCE, VLAN) == sorted([lab.web.ofport, lab.neighbour])
+    assert switch.vlan_ports(SOURCE, OTHER_VLAN) == [lab.other]
+    redirect(lab, switch, policy, {})
+    moved = odp(lab, "hv2", "web")
+    assert trace(SOURCE, tcp_to_web(lab, lab.neighbour)).outputs == [(moved, ())]
+    for packet in (
+        tcp_to_web(lab, lab.other),
+        tcp_to_web(lab, lab.uplink, vlan=OTHER_VLAN),
+    ):
+        assert moved not in [out for out, _ in trace(SOURCE, packet).outputs], trace_fields(packet)
+
+
 def test_rules_read_back_from_the_switch_are_rewritten_and_installed_again(lab: Lab) -> None:
     policy = Policy("web", ingress_default=Action.ALLOW)
     switch = install(lab, policy, {})
@@ -331,7 +347,7 @@ def test_rules_read_back_from_the_switch_are_rewritten_and_installed_again(lab: 
     switch.replace_flows(SOURCE, send_cookie(VM.vm_id), EXACT, retarget_send(moved, lab.web.ofport))
     assert switch.flows(SOURCE, send_cookie(VM.vm_id), EXACT) == send
 
-    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE])
+    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE], [lab.neighbour])
     switch.replace_flows(SOURCE, receive_cookie(VM.vm_id), EXACT, redirected)
     shown = switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT)
     assert not [flow for flow in shown if "NORMAL" in flow]

@@ -37,6 +37,8 @@ def serve(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
         (["--webhook", "http://hooks.example/x"], "error: --webhook needs --webhook-secret-file"),
         (["--webhook", "ftp://x"], "error: invalid --webhook 'ftp://x'"),
         (["--dns-tsig-key-file", "/nonexistent"], "error: invalid --dns-tsig-key-file '/none"),
+        (["--migration-timeout", "0"], "error: invalid --migration-timeout 0: between 1 and"),
+        (["--migration-grace", "60"], "error: invalid --migration-grace 60: between 0 and the"),
     ],
 )
 def test_bad_serve_options_exit_2_with_one_line(

@@ -58,6 +58,7 @@ VM = PortFacts(
     vm_id=5, mac="52:54:00:00:00:05", ofport=3, vlan=10, ipv4=("10.0.0.5",), ipv6=("fd00:1::5",)
 )
 NEIGHBOUR_PORT = 4
+OTHER_PORT = 6
 UPLINK_PORT = 1
 PEER_LINK = 7
 OTHER_VLAN = 20
@@ -954,7 +955,7 @@ def test_redirected_receive_rules_come_back_to_normal(
     receive = data.draw(both_forms(compile_port(policy, VM, peers).receive))
     delivery, *kept = receive
     assert "strip_vlan,output:3" in delivery
-    redirected = redirect_receive(receive, VM.vlan, PEER_LINK)
+    redirected = redirect_receive(receive, VM.vlan, PEER_LINK, [NEIGHBOUR_PORT, OTHER_PORT])
     assert not [text for text in redirected if "NORMAL" in text or "strip_vlan" in text]
     assert retarget_receive(redirected, 9) == kept
     assert retarget_receive(receive, 9) == [delivery.replace("output:3", "output:9"), *kept]
@@ -969,7 +970,8 @@ def test_redirected_receive_rules_send_what_they_allow_down_the_peer_link_tagged
     policy: Policy, peers: dict[str, list[str]], sample: list[Packet]
 ) -> None:
     receive = compile_port(policy, VM, peers).receive
-    redirected = [parse_flow(t) for t in redirect_receive(receive, VM.vlan, PEER_LINK)]
+    neighbours = [NEIGHBOUR_PORT]
+    redirected = [parse_flow(t) for t in redirect_receive(receive, VM.vlan, PEER_LINK, neighbours)]
     switch = Switch((*base_pipeline([PEER_LINK]), *redirected))
     for packet in (p for p in sample if not p.sent):
         actions = switch.run(packet)
@@ -978,3 +980,6 @@ def test_redirected_receive_rules_send_what_they_allow_down_the_peer_link_tagged
         if allowed:
             pushes = actions.startswith(f"mod_vlan_vid:{VM.vlan},")
             assert pushes == (packet.vlan is None), "the packet must leave tagged once"
+        if packet.vlan is None:
+            from_other_vlan = switch.run(replace(packet, in_port=OTHER_PORT))
+            assert not from_other_vlan.endswith(f"output:{PEER_LINK}"), packet

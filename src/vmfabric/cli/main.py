@@ -17,6 +17,7 @@ from vmfabric.cli.output import fail
 if TYPE_CHECKING:
     from vmfabric.dns.keyfile import TsigKey
     from vmfabric.services.checks import CheckSettings
+    from vmfabric.services.migrations import MigrationSettings
 
 app = typer.Typer(
     help="vmfabric: the network control plane of a KVM/libvirt cloud.",
@@ -111,6 +112,32 @@ def serve(
             "signed with; NOTIFY is signed with it too.",
         ),
     ] = None,
+    migration_timeout: Annotated[
+        float,
+        typer.Option(
+            "--migration-timeout",
+            envvar="VMFABRIC_MIGRATION_TIMEOUT",
+            help="Seconds a VM's move may take before its rules roll back to the source.",
+        ),
+    ] = 30.0,
+    migration_grace: Annotated[
+        float,
+        typer.Option(
+            "--migration-grace",
+            envvar="VMFABRIC_MIGRATION_GRACE",
+            help="Seconds the source forwards a moved VM's packets at most, when no traffic "
+            "shows it runs at its destination.",
+        ),
+    ] = 2.0,
+    migration_redirect: Annotated[
+        bool,
+        typer.Option(
+            "--migration-redirect/--no-migration-redirect",
+            envvar="VMFABRIC_MIGRATION_REDIRECT",
+            help="Forward packets in flight to a moved VM's old host over the peer link "
+            "(off only to measure what it buys).",
+        ),
+    ] = True,
 ) -> None:
     """Run the controller (API, DHCP supervision, host agents in-process)."""
     from vmfabric.api.server import ServeOptions
@@ -127,6 +154,7 @@ def serve(
     )
     if check_interval < 0:
         fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
+    moves = _migration_settings(migration_timeout, migration_grace, migration_redirect)
     if dns is not None:
         _require_free(dns)
     if cpu is not None:
@@ -149,6 +177,7 @@ def serve(
             check_interval_s=check_interval,
             webhooks=urls,
             webhook_secret=secret,
+            migrations=moves,
         )
     )
 
@@ -185,6 +214,17 @@ def _check_settings(target: str, concurrency: int, deadline: float, keep: float)
         vm_deadline_s=deadline,
         keep=timedelta(days=keep),
     )
+
+
+def _migration_settings(timeout: float, grace: float, redirect: bool) -> MigrationSettings:
+    """The migrations' settings, or exit 2 naming the option that is wrong."""
+    from vmfabric.services.migrations import MigrationSettings
+
+    if not 1 <= timeout <= 3600:
+        fail(f"invalid --migration-timeout {timeout:g}: between 1 and 3600 seconds", 2)
+    if not 0 <= grace <= timeout:
+        fail(f"invalid --migration-grace {grace:g}: between 0 and the timeout ({timeout:g} s)", 2)
+    return MigrationSettings(timeout_s=timeout, grace_s=grace, redirect=redirect)
 
 
 def _webhooks(urls: list[str], secret_file: Path | None) -> tuple[tuple[str, ...], bytes]:

@@ -945,7 +945,9 @@ def base_flows(peer_ports: Iterable[int]) -> list[str]:
 _ACTIONS_AT = re.compile(r"(?:^|[,\s])actions=")
 _IN_PORT = re.compile(r"(^|[,\s])in_port=(\d+)(?=[,\s]|$)")
 _DELIVERY = re.compile(r"(^|[,\s])reg7=(?:1|0x1)(?=[,\s]|$)")
-_VLAN_MATCH = re.compile(r"[,\s]*\b(?:dl_vlan=\d+|vlan_tci=0x0+(?:/0x1fff)?)(?=[,\s]|$)")
+_REDIRECT_FIELDS = re.compile(
+    r"[,\s]*\b(?:dl_vlan=\d+|vlan_tci=0x0+(?:/0x1fff)?|in_port=\d+)(?=[,\s]|$)"
+)
 _OUTPUT = re.compile(r"\boutput:\d+$")
 _REDIRECTED = re.compile(
     r"(?:mod_vlan_vid:\d+,|push_vlan:0x8100,set_field:\d+->vlan_vid,)?output:\d+"
@@ -969,17 +971,21 @@ def in_port_of(flow: str) -> int | None:
     return None if found is None else int(found[2])
 
 
-def redirect_receive(flows: Iterable[str], vlan: int, peer_port: int) -> list[str]:
+def redirect_receive(
+    flows: Iterable[str], vlan: int, peer_port: int, neighbours: Iterable[int]
+) -> list[str]:
     """Receive rules of a VM that left, so what they allow reaches it through the peer link
     `peer_port` toward its new host, tagged with its VLAN; drop rules stay, the delivery
     rule goes (its port is gone).
 
-    Each allowed rule becomes two: a packet tagged with the VLAN (from a trunk) goes out as
-    it is; an untagged one (from a local port) gets the tag pushed. A single
-    `mod_vlan_vid` would not do: given to the switch as OpenFlow 1.1+ (a bundle) it becomes
-    an unconditional push, which would tag a tagged packet twice. A packet tagged with
-    another VLAN matches neither and is not redirected.
+    Each allowed rule becomes several: a packet tagged with the VLAN (from a trunk) goes out
+    as it is; an untagged one gets the tag pushed, but only from `neighbours`, the local
+    ports on the VM's VLAN: an untagged packet carries no VLAN to match, and one from a port
+    of another VLAN must not be let into the VM's. A single `mod_vlan_vid` would not do:
+    given to the switch as OpenFlow 1.1+ (a bundle) it becomes an unconditional push, which
+    would tag a tagged packet twice. A packet tagged with another VLAN matches none.
     """
+    ports = sorted(set(neighbours))
     redirected = []
     for match, actions in map(_split, flows):
         if _DELIVERY.search(match):
@@ -987,9 +993,11 @@ def redirect_receive(flows: Iterable[str], vlan: int, peer_port: int) -> list[st
         if actions != NORMAL:
             redirected.append(match + actions)
             continue
+        redirected.append(_with_field(match, f"dl_vlan={vlan}") + f"output:{peer_port}")
         redirected += [
-            _with_field(match, f"dl_vlan={vlan}") + f"output:{peer_port}",
-            _with_field(match, UNTAGGED) + f"mod_vlan_vid:{vlan},output:{peer_port}",
+            _with_field(_with_field(match, f"in_port={port}"), UNTAGGED)
+            + f"mod_vlan_vid:{vlan},output:{peer_port}"
+            for port in ports
         ]
     return redirected
 
@@ -1002,7 +1010,7 @@ def retarget_receive(flows: Iterable[str], new_port: int) -> list[str]:
         if _DELIVERY.search(match):
             text = match + _OUTPUT.sub(f"output:{new_port}", actions)
         elif _REDIRECTED.fullmatch(actions):
-            text = _VLAN_MATCH.sub("", match) + NORMAL
+            text = _REDIRECT_FIELDS.sub("", match) + NORMAL
         else:
             text = match + actions
         restored[text] = None

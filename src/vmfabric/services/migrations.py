@@ -310,7 +310,8 @@ class MigrationEngine:
         if peer is not None:
             for nic in move.nics:
                 mine = [r for r in receive if f"dl_dst={nic.mac}" in r]
-                redirected += redirect_receive(mine, nic.vlan, peer)
+                neighbours = switch.vlan_ports(bridge, nic.vlan)
+                redirected += redirect_receive(mine, nic.vlan, peer, neighbours)
         cookies = [(send_cookie(move.vm_id), EXACT), (receive_cookie(move.vm_id), EXACT)]
         switch.change_flows(bridge, cookies, redirected)
 

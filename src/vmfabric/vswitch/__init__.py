@@ -74,6 +74,15 @@ class Vswitch(Protocol):
         """
         ...
 
+    def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
+        """OpenFlow ports of `bridge`'s access ports on `vlan`, sorted.
+
+        An untagged packet from a local port carries no VLAN a rule could match; a migrating
+        VM's redirect rules take untagged packets from these ports only, so traffic from a
+        port of another VLAN is not let into the VM's.
+        """
+        ...
+
     def announce(self, bridge: str, ofport: int, mac: str, ipv4: str) -> None:
         """Send a gratuitous ARP for `mac`/`ipv4` into `bridge` as if it came from `ofport`.
 

@@ -16,12 +16,14 @@ from vmfabric.vswitch import VswitchError, cookie_of
 
 @dataclass
 class MemorySwitch:
-    """A switch whose bridges hold rule texts; `ports`, `peers` and `counts` are set by the
-    test (as libvirt plugging a VM, or traffic, would change them on a real switch)."""
+    """A switch whose bridges hold rule texts; `plugged`, `peers`, `tags` (port -> VLAN) and
+    `counts` are set by the test (as libvirt plugging a VM, or traffic, would change them on
+    a real switch)."""
 
     rules: dict[str, list[str]] = field(default_factory=dict)
     plugged: dict[str, dict[str, int]] = field(default_factory=dict)
     peers: dict[str, dict[str, int]] = field(default_factory=dict)
+    tags: dict[str, dict[int, int]] = field(default_factory=dict)
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
     announced: list[tuple[str, int, str, str]] = field(default_factory=list)
     changes: int = 0
@@ -61,6 +63,10 @@ class MemorySwitch:
     def peer_ports(self, bridge: str) -> dict[str, int]:
         """Other host -> port of the peer link to it."""
         return dict(self.peers.get(bridge, {}))
+
+    def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
+        """Ports of `bridge` tagged `vlan`."""
+        return sorted(port for port, tag in self.tags.get(bridge, {}).items() if tag == vlan)
 
     def announce(self, bridge: str, ofport: int, mac: str, ipv4: str) -> None:
         """Remembered, for the test to see."""

@@ -76,6 +76,33 @@ class OpenVswitch:
             if PEER_MARK in marks
         }
 
+    def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
+        """Ports whose `tag` is `vlan` (access ports), with their interfaces' numbers, read
+        in two tool runs whatever the number of ports."""
+        names = self._vsctl("list-ports", bridge).split()
+        if not names:
+            return []
+        listed = self._vsctl(
+            "--format=json",
+            "--columns=name,tag",
+            "list",
+            "Port",
+            *names,
+            "--",
+            "--if-exists",
+            "--columns=name,ofport",
+            "list",
+            "Interface",
+            *names,
+        )
+        ports, interfaces = (json.loads(line) for line in listed.splitlines() if line.strip())
+        tagged = {name for name, tag in ports["data"] if tag == vlan}
+        return sorted(
+            ofport
+            for name, ofport in interfaces["data"]
+            if name in tagged and isinstance(ofport, int) and ofport > 0
+        )
+
     def interface_bridges(self) -> dict[str, str]:
         """Interface row UUID -> name of the bridge holding it, read in one transaction.
 
