@@ -30,8 +30,9 @@ RuleOption = Annotated[
     list[str] | None,
     typer.Option(
         "--rule",
-        help="A rule: 'DIRECTION ACTION [PROTOCOL[/PORTS]] [from|to PEER]'; repeatable, "
-        "first match wins.",
+        help="A rule: 'DIRECTION ACTION PROTOCOL/PORTS from|to PEER', all after ACTION "
+        "optional, e.g. 'ingress allow tcp/80 from group:hv2-alpine'; repeatable, first "
+        "match wins.",
     ),
 ]
 FileOption = Annotated[
