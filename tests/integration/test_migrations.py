@@ -18,7 +18,7 @@ from vmfabric.domain.policy import RECEIVE_KIND, SEND_KIND, VM_RULES_MASK, send_
 from vmfabric.services.context import Controller
 from vmfabric.services.migrations import MigrationEngine, MigrationSettings, list_migrations
 from vmfabric.store import repository
-from vmfabric.vswitch import cookie_of
+from vmfabric.vswitch import VswitchError, cookie_of
 from vmfabric.vswitch.memory import MemorySwitch
 
 OLD_PORT, NEW_PORT, PEER_LINK = 5, 9, 77
@@ -208,6 +208,26 @@ def test_bad_migrations_are_refused_and_change_nothing(
     response = api.post("/api/v1/vms/web1/migrate", json=body)
     assert response.status_code == status, response.text
     assert detail in response.json()["detail"]
+    assert api.get("/api/v1/migrations").json() == []
+    assert switch.changes == changes
+
+
+def test_a_move_to_an_unreachable_host_is_refused_and_changes_nothing(
+    api: TestClient, switch: MemorySwitch, mac: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugged = switch.ports
+
+    def ports(bridge: str) -> dict[str, int]:
+        if bridge == "br-hv2":
+            raise VswitchError("br-hv2: database connection failed (Connection refused)")
+        return plugged(bridge)
+
+    monkeypatch.setattr(switch, "ports", ports)
+    changes = switch.changes
+    refused = api.post("/api/v1/vms/web1/migrate", json={"to": "hv2"})
+    assert refused.status_code == 503, refused.text
+    assert "host hv2 is unreachable: br-hv2: database connection failed" in refused.json()["detail"]
+    assert refused.headers["content-type"] == "application/problem+json"
     assert api.get("/api/v1/migrations").json() == []
     assert switch.changes == changes
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.domain.policy import KIND_MASK, RECEIVE_KIND, SEND_KIND, VM_RULES_MASK, send_cookie
@@ -96,6 +97,33 @@ def test_a_policy_attached_to_a_vm_is_compiled_on_its_host_for_its_port(
     assert policed(switch, "br-hv1") == {vm_id(controller, "web1")}
     assert policed(switch, "br-hv2") == set()
     assert api.get("/api/v1/policies").json()[0]["name"] == "web"
+
+
+def policy_operations(api: TestClient, operation: str, outcome: str) -> float:
+    """`vmfabric_policy_operations_total` as `/metrics` shows it (0 before the first)."""
+    families = text_string_to_metric_families(api.get("/metrics").text)
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "vmfabric_policy_operations"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels == {"operation": operation, "outcome": outcome}
+    )
+
+
+def test_policy_operations_are_counted_in_the_metrics(
+    api: TestClient, switch: MemorySwitch
+) -> None:
+    cloud(api, switch)
+    created, refused = (
+        policy_operations(api, "create", "ok"),
+        policy_operations(api, "create", "error"),
+    )
+    create(api, {**WEB_POLICY, "vms": ["web1"]})
+    api.post("/api/v1/policies", json={**WEB_POLICY, "name": "bad", "ingress_default": "maybe"})
+    assert policy_operations(api, "create", "ok") == created + 1
+    assert policy_operations(api, "create", "error") == refused + 1
 
 
 def test_a_network_policy_covers_its_nics_and_a_vm_policy_wins(

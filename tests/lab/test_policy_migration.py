@@ -24,9 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vmfabric.cli.client import ApiClient
+from vmfabric.config import api_url
 from vmfabric.domain.policy import KIND_MASK, RECEIVE_KIND, VM_RULES_MASK, send_cookie
 from vmfabric.lab import lifecycle
 from vmfabric.lab.ovs import switch_access
@@ -186,6 +189,19 @@ def test_the_policy_follows_the_vm_and_nothing_denied_reaches_it_during_the_move
     assert web1_rules("vmf-hv1", vm_id) == []
     assert any(f"dl_dst={_mac(api)}" in rule for rule in web1_rules("vmf-hv2", vm_id))
     assert allowed_and_denied(addresses) == EXPECTED
+    assert migrations_counted() == {("done", "api"): 1.0}
+
+
+def migrations_counted() -> dict[tuple[str, str], float]:
+    """The controller's `vmfabric_migrations_total` by (outcome, asked_by)."""
+    text = httpx.get(f"{api_url()}/metrics").text
+    return {
+        (sample.labels["outcome"], sample.labels["asked_by"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vmfabric_migrations"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
 
 
 def _ping_counts(output: str) -> tuple[int, int]:
@@ -247,6 +263,7 @@ def test_a_move_aborted_half_way_rolls_back_with_the_policy_whole_on_the_source(
     wait_for(lambda: latest_move(api).get("phase") == "rolled-back")
     move = latest_move(api)
     assert move["asked_by"] == "switch" and "destination port went away" in move["detail"]
+    assert migrations_counted() == {("rolled-back", "switch"): 1.0}
     assert web1_rules("vmf-hv1", vm_id) == before
     assert web1_rules("vmf-hv2", vm_id) == []
     assert api.get("/vms/web1")["host"] == "hv1"

@@ -50,16 +50,19 @@ POLICY_OPERATIONS = Counter(
     "vmfabric_policy_operations",
     "Policy creates, changes, deletes, attaches and detaches, by outcome",
     ["operation", "outcome"],
+    registry=registry,
 )
 MIGRATIONS = Counter(
     "vmfabric_migrations",
     "VM migrations by how they ended (done, rolled-back) and who started them (api, switch)",
     ["outcome", "asked_by"],
+    registry=registry,
 )
 MIGRATION_SECONDS = Histogram(
     "vmfabric_migration_seconds",
     "Time from a migration's start to its end, rules moved and source cleaned (or rolled back)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+    registry=registry,
 )
 CHECK_SWEEP_SECONDS = Histogram(
     "vmfabric_check_sweep_seconds",
