@@ -12,7 +12,6 @@ import uvicorn
 import uvloop
 from fastapi import FastAPI
 from pydantic import TypeAdapter
-from sqlalchemy import select
 
 from vmfabric import config
 from vmfabric.agent.registry import LocalAgents
@@ -30,13 +29,13 @@ from vmfabric.process_identity import current_owner
 from vmfabric.services.checks import CheckChange, Checker, CheckSettings
 from vmfabric.services.context import Controller
 from vmfabric.services.guest_addresses import sweep_guest_addresses
+from vmfabric.services.hosts import host_on_bridge
 from vmfabric.services.leases import record_lease_event
 from vmfabric.services.migrations import MigrationEngine, MigrationSettings
 from vmfabric.services.reconcile import reconcile
 from vmfabric.services.registrations import NamePublisher
 from vmfabric.store.engine import migrate, open_engine, session_factory
 from vmfabric.store.group_commit import GroupCommitter
-from vmfabric.store.tables import Host
 from vmfabric.vswitch.watch import PortEvent, PortWatcher
 from vmfabric.webhooks import WebhookSender
 
@@ -185,10 +184,7 @@ def _watch_switches(ctl: Controller, engine: MigrationEngine, lab: bool) -> Call
     def on_event(event: PortEvent) -> None:
         if event.mac is None:
             return
-        with ctl.uow() as uow:
-            host = uow.session.scalar(
-                select(Host.name).where(Host.bridge == event.bridge, Host.driver == driver)
-            )
+        host = host_on_bridge(ctl, event.bridge, driver)
         if host is None:
             return
         try:

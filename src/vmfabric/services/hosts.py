@@ -51,6 +51,15 @@ def list_hosts(ctl: Controller) -> list[HostView]:
         return [host_view(h, counts.get(h.id, 0)) for h in repository.list_hosts(uow.session)]
 
 
+def host_on_bridge(ctl: Controller, bridge: str, driver: str) -> str | None:
+    """The host of `driver` whose switch bridge is `bridge`: a switch event names a bridge,
+    the migration method a host. None for a bridge no host of this controller uses."""
+    with ctl.uow() as uow:
+        return uow.session.scalar(
+            select(Host.name).where(Host.bridge == bridge, Host.driver == driver)
+        )
+
+
 def host_ref(host: Host | HostRecord) -> HostRef:
     """How the agents find a stored host."""
     return HostRef(host.name, host.driver, host.uri, host.bridge)
