@@ -1,4 +1,5 @@
-"""Policies through the API: create, attach, replace, detach, delete, bad input.
+"""Policies through the API: create, attach, replace, detach, delete, bad input, and the
+meters of rate limits, which follow a VM when it migrates.
 
 The hosts run the noop hypervisor and share an in-memory switch whose ports the tests plug
 as libvirt would; what the compiled rules do to traffic is tested on the real Open vSwitch
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.domain.policy import KIND_MASK, RECEIVE_KIND, SEND_KIND, VM_RULES_MASK, send_cookie
 from vmfabric.services.context import Controller
+from vmfabric.services.migrations import MigrationEngine, MigrationSettings, list_migrations
 from vmfabric.services.reconcile import reconcile
 from vmfabric.store import repository
 from vmfabric.vswitch import cookie_of
@@ -256,3 +258,114 @@ def test_bad_policy_requests_are_refused_and_change_nothing(
     assert detail in str(response.json()["detail"])
     assert api.get("/api/v1/policies").json() == before
     assert switch.changes == changes
+
+
+LIMITED = {**WEB_POLICY, "name": "slow", "vms": ["web1"], "rate_limit_kbps": 2000}
+
+
+def meter(controller: Controller, name: str, rate: int = 2000) -> str:
+    """The meter of the VM's first NIC under a rate limit, as the switch holds it."""
+    meter_id = vm_id(controller, name) * 100
+    return f"meter={meter_id},kbps,burst,bands=type=drop,rate={rate},burst_size={rate // 5}"
+
+
+def metered_send_rules(switch: MemorySwitch, bridge: str, controller: Controller) -> set[str]:
+    """The actions of web1's allowed send rules on the bridge."""
+    rules = rules_of(switch, bridge, controller, "web1")
+    return {
+        r.split("actions=")[1]
+        for r in rules
+        if cookie_of(r) >> 48 == SEND_KIND and not r.endswith("drop")
+    }
+
+
+def test_a_rate_limit_is_a_meter_that_the_vms_allowed_send_rules_use(
+    api: TestClient, controller: Controller, switch: MemorySwitch
+) -> None:
+    cloud(api, switch)
+    create(api, LIMITED)
+    limit = meter(controller, "web1")
+    assert switch.meters("br-hv1") == [limit]
+    meter_id = limit.split(",")[0].removeprefix("meter=")
+    assert metered_send_rules(switch, "br-hv1", controller) == {f"meter:{meter_id},goto_table:1"}
+    received = [r for r in rules_of(switch, "br-hv1", controller, "web1") if "dl_dst" in r]
+    assert received and not [r for r in received if "meter" in r]
+    assert switch.meters("br-hv2") == []
+
+
+def test_the_meter_follows_the_limit_and_goes_with_the_rules(
+    api: TestClient, controller: Controller, switch: MemorySwitch
+) -> None:
+    cloud(api, switch)
+    create(api, LIMITED)
+    document = {key: LIMITED[key] for key in ("rules", "rate_limit_kbps")}
+    api.put("/api/v1/policies/slow", json={**document, "rate_limit_kbps": 5000})
+    assert switch.meters("br-hv1") == [meter(controller, "web1", 5000)]
+    api.put("/api/v1/policies/slow", json={**document, "rate_limit_kbps": None})
+    assert switch.meters("br-hv1") == []
+    assert metered_send_rules(switch, "br-hv1", controller) == {"goto_table:1"}
+    api.put("/api/v1/policies/slow", json=document)
+    assert switch.meters("br-hv1") == [meter(controller, "web1")]
+    api.post("/api/v1/policies/slow/detach", json={"vm": "web1"})
+    assert switch.meters("br-hv1") == []
+    api.post("/api/v1/policies/slow/attach", json={"vm": "web1"})
+    assert switch.meters("br-hv1") == [meter(controller, "web1")]
+    assert api.delete("/api/v1/vms/web1").status_code == 204
+    assert switch.meters("br-hv1") == []
+
+
+def test_reconcile_removes_meters_left_behind_and_restores_lost_ones(
+    api: TestClient, controller: Controller, switch: MemorySwitch
+) -> None:
+    cloud(api, switch)
+    create(api, LIMITED)
+    left = meter(controller, "web2")
+    switch.meter_table["br-hv1"] = {vm_id(controller, "web2") * 100: left}  # a restarted switch
+    switch.meter_table["br-hv2"] = {vm_id(controller, "web1") * 100: meter(controller, "web1")}
+    switch.meter_table["br-hv2"][7] = "meter=7,kbps,bands=type=drop,rate=1"  # the operator's
+    reconcile(controller)
+    assert switch.meters("br-hv1") == [meter(controller, "web1")]
+    assert switch.meters("br-hv2") == ["meter=7,kbps,bands=type=drop,rate=1"]
+
+
+@pytest.fixture
+def moving(
+    api: TestClient, controller: Controller, switch: MemorySwitch
+) -> tuple[MigrationEngine, str]:
+    """web1 under a rate limit on hv1 (port 5); the migration engine, web1's MAC."""
+    vms = cloud(api, switch)
+    create(api, LIMITED)
+    engine = MigrationEngine(controller, MigrationSettings(timeout_s=30, grace_s=30))
+    return engine, vms["web1"]["nics"][0]["mac"]
+
+
+def test_the_meter_moves_with_the_vm_and_leaves_its_old_host(
+    controller: Controller, switch: MemorySwitch, moving: tuple[MigrationEngine, str]
+) -> None:
+    engine, mac = moving
+    limit, sent_before = meter(controller, "web1"), metered_send_rules(switch, "br-hv1", controller)
+    switch.plugged["br-hv2"][mac] = 9
+    engine.port_added("hv2", mac, 9)
+    assert switch.meters("br-hv2") == [limit]
+    assert metered_send_rules(switch, "br-hv2", controller) == sent_before
+    del switch.plugged["br-hv1"][mac]
+    engine.port_removed("hv1", mac, 5)
+    switch.counts["br-hv2"] = {send_cookie(vm_id(controller, "web1")): 1}  # it sends from hv2
+    engine.tick()
+    assert list_migrations(controller, "web1")[0].phase == "done"
+    assert switch.meters("br-hv1") == [] and rules_of(switch, "br-hv1", controller, "web1") == []
+    assert switch.meters("br-hv2") == [limit]
+
+
+def test_a_move_rolled_back_leaves_no_meter_at_the_destination(
+    controller: Controller, switch: MemorySwitch, moving: tuple[MigrationEngine, str]
+) -> None:
+    engine, mac = moving
+    before = switch.meters("br-hv1"), rules_of(switch, "br-hv1", controller, "web1")
+    switch.plugged["br-hv2"][mac] = 9
+    engine.port_added("hv2", mac, 9)
+    del switch.plugged["br-hv2"][mac]
+    engine.port_removed("hv2", mac, 9)
+    assert list_migrations(controller, "web1")[0].phase == "rolled-back"
+    assert switch.meters("br-hv2") == [] and rules_of(switch, "br-hv2", controller, "web1") == []
+    assert (switch.meters("br-hv1"), rules_of(switch, "br-hv1", controller, "web1")) == before

@@ -1,6 +1,7 @@
 """What the use cases rely on from a switch, checked on the in-memory switch and on the real
-Open vSwitch alike: rule sets by cookie, atomic changes, and rule texts read back in a form
-the migration method rewrites (`in_port=N,`, `dl_dst=MAC`)."""
+Open vSwitch alike: rule sets by cookie, atomic changes, rule texts read back in a form
+the migration method rewrites (`in_port=N,`, `dl_dst=MAC`, `meter:N`), and the meters of rate
+limits: there before the rules that use them, gone with them."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from collections.abc import Iterator
 import pytest
 
 from vmfabric.domain.policy import (
+    MAX_METER,
     VM_RULES_MASK,
     PortFacts,
     compile_port,
     parse_policy,
+    port_meters,
     receive_cookie,
+    vm_meters,
 )
 from vmfabric.domain.policy import send_cookie as cookie
 from vmfabric.lab.testing import temporary_lab
@@ -59,9 +63,25 @@ def rules_of(vm_id: int, port: int) -> list[str]:
     return [*compiled.send, *compiled.receive]
 
 
+def limited_rules_of(
+    vm_id: int, port: int, rate: int | None = 2000, mac: str = MAC
+) -> tuple[list[str], list[str]]:
+    """A VM's compiled rules on `port` under a policy limiting its rate, and its meters."""
+    document = {"rules": [{"direction": "ingress", "action": "allow"}], "rate_limit_kbps": rate}
+    policy = parse_policy("p", document)
+    facts = PortFacts(vm_id, mac, port, 100, ("10.0.0.5",), ())
+    compiled = compile_port(policy, facts, {})
+    return [*compiled.send, *compiled.receive], list(port_meters(policy, facts))
+
+
+def install(switch: Vswitch, vm_id: int, rules: list[str], meters: list[str]) -> None:
+    """Make these the VM's rules and meters, as the policy service does."""
+    switch.change_flows(BRIDGE, [(cookie(vm_id), VM_RULES_MASK)], rules, meters, [vm_meters(vm_id)])
+
+
 @pytest.fixture
 def clean(switch: Vswitch) -> Vswitch:
-    switch.change_flows(BRIDGE, [(0, 0)], [])
+    switch.change_flows(BRIDGE, [(0, 0)], [], meter_deletes=[range(1, MAX_METER + 1)])
     return switch
 
 
@@ -97,3 +117,72 @@ def test_rules_read_back_install_again_as_they_were(clean: Vswitch) -> None:
 def test_no_packets_counted_on_rules_no_traffic_met(clean: Vswitch) -> None:
     clean.change_flows(BRIDGE, [(cookie(1), VM_RULES_MASK)], rules_of(1, 5))
     assert clean.packets(BRIDGE, cookie(1), VM_RULES_MASK) == 0
+
+
+def test_meters_come_with_the_rules_that_use_them_and_install_again_as_read(
+    clean: Vswitch,
+) -> None:
+    rules, meters = limited_rules_of(1, 5)
+    install(clean, 1, rules, meters)
+    assert (
+        clean.meters(BRIDGE)
+        == meters
+        == ["meter=100,kbps,burst,bands=type=drop,rate=2000,burst_size=400"]
+    )
+    read = clean.flows(BRIDGE, cookie(1), VM_RULES_MASK)
+    assert any("in_port=5," in r and r.endswith("actions=meter:100,goto_table:1") for r in read)
+    install(clean, 1, read, clean.meters(BRIDGE))
+    assert clean.flows(BRIDGE, cookie(1), VM_RULES_MASK) == read
+    assert clean.meters(BRIDGE) == meters
+
+
+def test_a_rule_using_a_meter_the_bridge_lacks_is_refused_and_changes_nothing(
+    clean: Vswitch,
+) -> None:
+    rules, meters = limited_rules_of(1, 5)
+    for given, owned in (([], []), ([], [vm_meters(1)]), (meters, [vm_meters(2)])):
+        with pytest.raises(VswitchError):
+            clean.change_flows(BRIDGE, [(cookie(1), VM_RULES_MASK)], rules, given, owned)
+    assert clean.flows(BRIDGE, 0, 0) == []
+    assert clean.meters(BRIDGE) == []
+
+
+def test_a_refused_rule_leaves_the_meters_as_they_were(clean: Vswitch) -> None:
+    install(clean, 1, *limited_rules_of(1, 5))
+    before = clean.flows(BRIDGE, 0, 0), clean.meters(BRIDGE)
+    rules, meters = limited_rules_of(1, 7, rate=3000)
+    stray = f"cookie={cookie(2):#x},priority=5,arp,actions=drop"
+    with pytest.raises(VswitchError):
+        install(clean, 1, [*rules, stray], meters)
+    assert (clean.flows(BRIDGE, 0, 0), clean.meters(BRIDGE)) == before
+
+
+def test_a_new_rate_changes_the_meter_and_no_limit_removes_it(clean: Vswitch) -> None:
+    install(clean, 1, *limited_rules_of(1, 5))
+    rules, faster = limited_rules_of(1, 5, rate=3000)
+    install(clean, 1, rules, faster)
+    assert clean.meters(BRIDGE) == faster and "rate=3000" in faster[0]
+    unlimited, none = limited_rules_of(1, 5, rate=None)
+    install(clean, 1, unlimited, none)
+    assert clean.meters(BRIDGE) == none == []
+    assert not [r for r in clean.flows(BRIDGE, 0, 0) if "meter" in r]
+    assert len(clean.flows(BRIDGE, cookie(1), VM_RULES_MASK)) == len(unlimited)
+
+
+def test_a_vms_rules_and_meters_go_together_and_the_others_stay(clean: Vswitch) -> None:
+    install(clean, 1, *limited_rules_of(1, 5))
+    two, two_meters = limited_rules_of(2, 6, rate=500, mac="52:54:00:12:34:57")
+    install(clean, 2, two, two_meters)
+    install(clean, 1, [], [])
+    assert clean.flows(BRIDGE, cookie(1), VM_RULES_MASK) == []
+    assert clean.meters(BRIDGE) == two_meters
+    assert len(clean.flows(BRIDGE, cookie(2), VM_RULES_MASK)) == len(two)
+
+
+def test_a_meter_removed_takes_the_rules_that_use_it_along(clean: Vswitch) -> None:
+    rules, meters = limited_rules_of(1, 5)
+    install(clean, 1, rules, meters)
+    clean.change_flows(BRIDGE, [(OTHER, OTHER)], [], meter_deletes=[vm_meters(1)])
+    left = clean.flows(BRIDGE, cookie(1), VM_RULES_MASK)
+    assert left and not [r for r in left if "meter" in r]
+    assert len(left) == len([r for r in rules if "meter" not in r])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ def installed() -> list[str]:
 
 
 def reset_rules() -> None:
-    """The bridge's table as a fresh bridge has it, plus a rule some other module owns."""
+    """The bridge's table as a fresh bridge has it (no meters), plus a rule some other module
+    owns."""
     ofctl("del-flows", BRIDGE)
+    ofctl("-O", "OpenFlow13", "del-meters", BRIDGE)
     ofctl("add-flow", BRIDGE, "priority=0,actions=NORMAL")
     ofctl("add-flow", BRIDGE, "cookie=0x42,priority=5,arp,actions=NORMAL")
 
@@ -425,6 +428,56 @@ def test_rules_can_only_be_added_with_a_set_that_removes_them(switch: OpenVswitc
         switch.change_flows(BRIDGE, [], [drop_rule(1, "52:54:00:00:00:01")[0]])
     switch.change_flows(BRIDGE, [], [])
     assert installed() == sorted([OTHER_RULE, DEFAULT_RULE])
+
+
+METER = "meter=500,kbps,burst,bands=type=drop,rate=2000,burst_size=400"
+METERED = f"cookie={SEND | 5:#x},priority=100,arp,actions=meter:500,goto_table:1"
+
+
+def meters_shown() -> str:
+    return ofctl("-O", "OpenFlow13", "dump-meters", BRIDGE)
+
+
+def test_the_lab_bridge_has_openflow_13_meters_with_a_drop_band(switch: OpenVswitch) -> None:
+    assert vsctl("get", "Bridge", BRIDGE, "protocols").strip() == "[]"  # 1.0 to 1.5 accepted
+    features = ofctl("-O", "OpenFlow13", "meter-features", BRIDGE)
+    found = re.search(r"max_meter:(\d+)", features)
+    assert found is not None and int(found[1]) > 0
+    assert "band_types: drop" in features
+    assert "kbps" in features and "burst" in features
+
+
+def test_a_metered_rule_reads_back_with_its_meter_which_openflow_10_leaves_out(
+    switch: OpenVswitch,
+) -> None:
+    switch.change_flows(BRIDGE, [(SEND | 5, ONE_VM)], [METERED], [METER], [range(500, 600)])
+    shown = f"cookie={SEND | 5:#x}, priority=100,arp actions=meter:500,goto_table:1"
+    assert switch.flows(BRIDGE, SEND | 5, ONE_VM) == [shown]
+    assert "actions=resubmit(,1)" in ofctl("--no-stats", "dump-flows", BRIDGE, "arp")
+    assert switch.meters(BRIDGE) == [METER]
+    assert "meter=500 kbps burst bands=\ntype=drop rate=2000 burst_size=400" in meters_shown()
+
+
+def test_meters_of_any_kind_read_back_as_add_meter_takes_them(switch: OpenVswitch) -> None:
+    given = "meter=7,pktps,burst,stats,bands=type=drop,rate=10,burst_size=5"
+    ofctl("-O", "OpenFlow13", "add-meter", BRIDGE, given)
+    ofctl("-O", "OpenFlow13", "add-meter", BRIDGE, METER)
+    assert switch.meters(BRIDGE) == [given, METER]
+    switch.change_flows(BRIDGE, [], [], switch.meters(BRIDGE), [range(1, 1000)])
+    assert switch.meters(BRIDGE) == [given, METER]
+
+
+def test_a_bundle_the_switch_refuses_takes_the_meters_it_added_back(switch: OpenVswitch) -> None:
+    switch.change_flows(BRIDGE, [(SEND | 5, ONE_VM)], [METERED], [METER], [range(500, 600)])
+    before = installed(), meters_shown()
+    bad = f"cookie={SEND | 5:#x},priority=90,actions=group:99"
+    faster = METER.replace("rate=2000", "rate=3000")
+    other = "meter=501,kbps,burst,bands=type=drop,rate=64,burst_size=100"
+    with pytest.raises(VswitchError, match="OFPBAC_BAD_OUT_GROUP"):
+        switch.change_flows(
+            BRIDGE, [(SEND | 5, ONE_VM)], [METERED, bad], [faster, other], [range(500, 600)]
+        )
+    assert (installed(), meters_shown()) == before
 
 
 def test_flows_print_port_numbers(switch: OpenVswitch, macs: dict[str, str]) -> None:

@@ -25,7 +25,10 @@ from vmfabric.domain.errors import InvalidInput
 from vmfabric.domain.policy import (
     BASE_KIND,
     KIND_MASK,
+    MAX_METER,
+    MAX_RATE_KBPS,
     MAX_RULES,
+    METERS_PER_VM,
     RECEIVE_KIND,
     SEND_KIND,
     VM_RULES_MASK,
@@ -41,16 +44,21 @@ from vmfabric.domain.policy import (
     compile_port,
     compile_port_flows,
     in_port_of,
+    meter_id,
+    meter_vm,
     parse_policy,
     peer_references,
     port_masks,
+    port_meters,
     receive_cookie,
     redirect_receive,
     retarget_receive,
     retarget_send,
     send_cookie,
     to_document,
+    vm_meters,
 )
+from vmfabric.vswitch import metered_by
 
 # The scene: a VM with a policy, a neighbour on the same bridge, the uplink, a peer link ----
 
@@ -305,6 +313,18 @@ def policies(draw: st.DrawFn, max_rules: int = 6) -> Policy:
     )
 
 
+@st.composite
+def limited_policies(draw: st.DrawFn) -> Policy:
+    """A policy that limits its NICs' rate: their allowed send rules use a meter."""
+    rate = draw(st.sampled_from([1, 64, 2000, MAX_RATE_KBPS]) | st.integers(1, MAX_RATE_KBPS))
+    return replace(draw(policies()), rate_limit_kbps=rate)
+
+
+def any_policies() -> st.SearchStrategy[Policy]:
+    """A policy with or without a rate limit."""
+    return policies() | limited_policies()
+
+
 def resolutions() -> st.SearchStrategy[dict[str, list[str]]]:
     """What each symbolic peer stands for: a few addresses of either version, or none."""
     addresses = st.lists(st.sampled_from(V4_ADDRESSES + V6_ADDRESSES), max_size=3, unique=True)
@@ -391,6 +411,63 @@ def test_a_vm_id_must_fit_in_a_cookie(vm_id: int) -> None:
         send_cookie(vm_id)
     with pytest.raises(InvalidInput, match="does not fit"):
         receive_cookie(vm_id)
+
+
+# Meters ----------------------------------------------------------------------------------
+
+
+def test_a_vms_meters_are_named_by_its_id_and_its_nics_position() -> None:
+    assert meter_id(5, 0) == 500
+    assert meter_id(5, 1) == 501
+    assert meter_id(12, 99) == 1299
+    assert vm_meters(5) == range(500, 600)
+    assert meter_vm(501) == 5
+    assert meter_vm(99) is None
+    with pytest.raises(InvalidInput, match="VM id 0 has no meter ids"):
+        meter_id(0, 0)
+
+
+@given(st.integers(1, MAX_METER // METERS_PER_VM - 1), st.integers(0, METERS_PER_VM - 1))
+def test_each_nic_of_each_vm_has_a_meter_of_its_own(vm_id: int, nic: int) -> None:
+    meter = meter_id(vm_id, nic)
+    assert METERS_PER_VM <= meter <= MAX_METER
+    assert meter in vm_meters(vm_id)
+    assert meter not in vm_meters(vm_id + 1) and meter not in vm_meters(vm_id - 1)
+    assert meter_vm(meter) == vm_id
+
+
+@pytest.mark.parametrize(
+    ("vm_id", "nic", "detail"),
+    [
+        (5, METERS_PER_VM, "NIC 100 of VM 5 cannot be rate limited: only a VM's first 100"),
+        (5, -1, "NIC -1 of VM 5 cannot be rate limited"),
+        (MAX_METER // METERS_PER_VM + 1, 0, "has no meter ids (they end at 4294901760)"),
+    ],
+)
+def test_a_nic_without_a_meter_id_cannot_be_rate_limited(vm_id: int, nic: int, detail: str) -> None:
+    facts = replace(VM, vm_id=vm_id, nic=nic)
+    with pytest.raises(InvalidInput, match=re.escape(detail)):
+        compile_port(Policy("web", rate_limit_kbps=2000), facts, {})
+    assert compile_port(Policy("web"), facts, {}).send
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst"), [(2000, 400), (64, 100), (1, 100), (MAX_RATE_KBPS, MAX_RATE_KBPS // 5)]
+)
+def test_a_rate_limit_is_one_meter_dropping_above_the_rate_after_a_short_burst(
+    rate: int, burst: int
+) -> None:
+    policy = Policy("web", rate_limit_kbps=rate)
+    assert port_meters(policy, replace(VM, nic=1)) == (
+        f"meter=501,kbps,burst,bands=type=drop,rate={rate},burst_size={burst}",
+    )
+
+
+@given(any_policies(), st.integers(1, 0xFFFF), st.integers(0, 1))
+def test_a_nics_meter_is_the_same_on_every_port(policy: Policy, ofport: int, nic: int) -> None:
+    here = replace(VM, nic=nic)
+    assert port_meters(policy, replace(here, ofport=ofport)) == port_meters(policy, here)
+    assert len(port_meters(policy, here)) == (policy.rate_limit_kbps is not None)
 
 
 # The document ----------------------------------------------------------------------------
@@ -523,6 +600,10 @@ REFUSED: list[tuple[Any, str]] = [
     (
         {"rate_limit_kbps": True},
         "rate_limit_kbps must be a whole number of kbit/s above 0, not True",
+    ),
+    (
+        {"rate_limit_kbps": 1 << 32},
+        "rate_limit_kbps 4294967296 is more than a switch meter takes (4294967295)",
     ),
     (
         ["rules"],
@@ -772,6 +853,23 @@ def test_a_packet_from_a_peer_link_reaches_only_the_nic_it_was_redirected_to(
         assert switch.run(redirected) == ("strip_vlan,output:3" if delivered else "drop")
 
 
+@given(limited_policies(), resolutions())
+def test_a_rate_limit_meters_exactly_what_the_send_rules_allow(
+    policy: Policy, peers: dict[str, list[str]]
+) -> None:
+    unlimited = compile_port(replace(policy, rate_limit_kbps=None), VM, peers)
+    limited = compile_port(policy, VM, peers)
+    (meter,) = port_meters(policy, VM)
+    assert meter.startswith("meter=500,")
+    metered = "actions=meter:500,goto_table:1"
+    assert all(text.endswith((metered, "actions=drop")) for text in limited.send)
+    assert [text.replace(metered, "actions=goto_table:1") for text in limited.send] == list(
+        unlimited.send
+    )
+    assert limited.receive == unlimited.receive
+    assert not [text for text in unlimited.send if "meter" in text]
+
+
 def test_rules_whose_peer_stands_for_no_address_are_left_out() -> None:
     policy = parse_policy(
         "web",
@@ -907,7 +1005,8 @@ def test_each_text_says_exactly_what_its_structure_does(
 
 
 def as_dumped(text: str) -> str:
-    """A compiler-made flow text as `ovs-ofctl --no-stats dump-flows` prints it back."""
+    """A compiler-made flow text as `ovs-ofctl -O OpenFlow14 --no-stats dump-flows` prints it
+    back (the switch driver reads rules in OpenFlow 1.4, which can say `meter:N`)."""
     flow = parse_flow(text)
     table = f" table={flow.table}," if flow.table else ""
     match = ",".join(
@@ -917,7 +1016,7 @@ def as_dumped(text: str) -> str:
             *(f"{k}={'0x1' if k == 'reg7' else v}" for k, v in flow.match),
         ]
     )
-    actions = flow.actions.replace("goto_table:1", "resubmit(,1)")
+    actions = flow.actions.replace("strip_vlan", "pop_vlan")
     return f"cookie={flow.cookie:#x},{table} {match} actions={actions}"
 
 
@@ -926,7 +1025,7 @@ def both_forms(texts: Iterable[str]) -> st.SearchStrategy[list[str]]:
     return st.sampled_from([texts, [as_dumped(t) for t in texts]])
 
 
-@given(policies(), resolutions(), st.data())
+@given(any_policies(), resolutions(), st.data())
 def test_send_rules_retargeted_and_back_are_the_same(
     policy: Policy, peers: dict[str, list[str]], data: st.DataObject
 ) -> None:
@@ -934,12 +1033,13 @@ def test_send_rules_retargeted_and_back_are_the_same(
     moved = retarget_send(send, 41)
     assert all("in_port=41" in text and "in_port=3" not in text for text in moved)
     assert retarget_send(moved, VM.ofport) == send
+    assert [metered_by(text) for text in moved] == [metered_by(text) for text in send]
     assert compile_port(policy, replace(VM, ofport=41), peers).send == tuple(
         retarget_send(compile_port(policy, VM, peers).send, 41)
     )
 
 
-@given(policies(), resolutions(), st.data())
+@given(any_policies(), resolutions(), st.data())
 def test_the_port_of_each_send_rule_is_read_back(
     policy: Policy, peers: dict[str, list[str]], data: st.DataObject
 ) -> None:
@@ -954,9 +1054,9 @@ def test_redirected_receive_rules_come_back_to_normal(
 ) -> None:
     receive = data.draw(both_forms(compile_port(policy, VM, peers).receive))
     delivery, *kept = receive
-    assert "strip_vlan,output:3" in delivery
+    assert re.search(r"actions=(strip|pop)_vlan,output:3$", delivery)
     redirected = redirect_receive(receive, VM.vlan, PEER_LINK, [NEIGHBOUR_PORT, OTHER_PORT])
-    assert not [text for text in redirected if "NORMAL" in text or "strip_vlan" in text]
+    assert not [text for text in redirected if re.search(r"NORMAL|(strip|pop)_vlan", text)]
     assert retarget_receive(redirected, 9) == kept
     assert retarget_receive(receive, 9) == [delivery.replace("output:3", "output:9"), *kept]
 

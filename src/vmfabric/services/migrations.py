@@ -46,6 +46,7 @@ from vmfabric.domain.policy import (
     redirect_receive,
     retarget_send,
     send_cookie,
+    vm_meters,
 )
 from vmfabric.hypervisor import HypervisorError
 from vmfabric.services.context import Controller, HostRef
@@ -55,6 +56,7 @@ from vmfabric.services.policies import (
     PolicyNic,
     apply_policies,
     base_change,
+    nic_meters,
     policy_nics,
     port_facts,
     resolve_peers,
@@ -263,7 +265,7 @@ class MigrationEngine:
             if move.destination is None:
                 return
             rules = self._compiled(move, ofports={n.mac: 0 for n in move.nics}, send=False)
-            self._install(move.destination, move.vm_id, rules)
+            self._install(move.destination, move, rules)
 
     def _install_destination(self, move: _Move) -> None:
         """The send rules from the source (saved, or read now) rewritten for the new ports,
@@ -272,15 +274,18 @@ class MigrationEngine:
         new_ports = {mac: int(p["new"] or 0) for mac, p in move.ports.items()}
         send = self._send_rules_for(move, new_ports)
         receive = self._compiled(move, new_ports, send=False)
-        self._install(move.destination, move.vm_id, send + receive)
+        self._install(move.destination, move, send + receive)
 
-    def _install(self, host: HostRef, vm_id: int, rules: list[str]) -> None:
+    def _install(self, host: HostRef, move: _Move, rules: list[str]) -> None:
         """Make `rules` the VM's only rules on `host`, with the base rules they need, in one
-        change."""
+        change, and the meters of its rate limits before them: the send rules copied from
+        the source name those meters by ids that are the VM's on every host."""
         switch = self._switch(host)
         deletes, base = base_change(switch, host, policies=True)
-        deletes.append((send_cookie(vm_id), VM_RULES_MASK))
-        switch.change_flows(host.bridge, deletes, base + rules)
+        deletes.append((send_cookie(move.vm_id), VM_RULES_MASK))
+        with self.ctl.uow() as uow:
+            meters = nic_meters(move.nics, stored_policies(uow.session))
+        switch.change_flows(host.bridge, deletes, base + rules, meters, [vm_meters(move.vm_id)])
 
     def _send_rules_for(self, move: _Move, new_ports: Mapping[str, int]) -> list[str]:
         """The VM's send rules for `new_ports`: the saved or current ones of the source,
@@ -331,12 +336,14 @@ class MigrationEngine:
                     )
 
     def _finish(self, move: _Move) -> None:
-        """Step 3: the source's leftovers go, and the VM's host is the destination."""
+        """Step 3: the source's leftovers (rules and meters) go, and the VM's host is the
+        destination."""
         assert move.destination is not None
         source = self.ctl.agents.vswitch(move.source)
         if source is not None:
             cookies = [(send_cookie(move.vm_id), VM_RULES_MASK)]
-            source.change_flows(move.source.bridge, cookies, [])
+            meters = [vm_meters(move.vm_id)]
+            source.change_flows(move.source.bridge, cookies, [], meter_deletes=meters)
         with self.ctl.uow() as uow:
             vm = repository.get_vm(uow.session, move.vm)
             vm.host_id = repository.get_host(uow.session, move.destination.name).id
@@ -345,14 +352,16 @@ class MigrationEngine:
         self.ctl.names_changed({move.vm})
 
     def _roll_back(self, record_id: int, why: str) -> None:
-        """Step 4: the destination's rules go; the source gets the VM's rules again."""
+        """Step 4: the destination's rules and meters go; the source gets the VM's rules
+        again."""
         move = self._reload(record_id)
         destination = move.destination
         switch = None if destination is None else self.ctl.agents.vswitch(destination)
         if destination is not None and switch is not None:
             try:
                 cookies = [(send_cookie(move.vm_id), VM_RULES_MASK)]
-                switch.change_flows(destination.bridge, cookies, [])
+                meters = [vm_meters(move.vm_id)]
+                switch.change_flows(destination.bridge, cookies, [], meter_deletes=meters)
             except VswitchError as error:
                 log.error("VM %s: rules left on %s: %s", move.vm, destination.name, error)
         self._end(record_id, ROLLED_BACK, why)

@@ -5,8 +5,9 @@ defaults, anti-spoofing) and attaches it to VMs or to networks; a NIC follows it
 else its network's. Peers named symbolically (a DNS group, a VM, a set of VMs) are resolved
 here to the addresses the store gave those VMs, so a rule follows its peers as they come, go
 or move. `apply_policies` makes each host's switch hold the compiled rules of the NICs whose
-ports it has, one atomic change per host, leaving alone the VMs a migration is moving (the
-method in `services.migrations` owns their rules until it ends).
+ports it has, and the meters of their rate limits, one atomic change per host, leaving alone
+the VMs a migration is moving (the method in `services.migrations` owns their rules until it
+ends).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from vmfabric.domain.policy import (
     PortFacts,
     base_flows,
     compile_port,
+    meter_vm,
     parse_policy,
     peer_references,
+    port_meters,
     send_cookie,
     to_document,
+    vm_meters,
 )
 from vmfabric.services.context import Controller, HostRef, transaction
 from vmfabric.services.hosts import host_ref
@@ -44,7 +48,7 @@ from vmfabric.services.views import as_utc
 from vmfabric.store import repository
 from vmfabric.store.tables import Network, PolicyAttachment, VmMigration
 from vmfabric.store.tables import Policy as PolicyRow
-from vmfabric.vswitch import Vswitch, VswitchError, cookie_of
+from vmfabric.vswitch import Vswitch, VswitchError, cookie_of, meter_id_of
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class Attachment:
 
 @dataclass(frozen=True)
 class PolicyNic:
-    """A NIC as the compiler needs it, with its VM's host."""
+    """A NIC as the compiler needs it, with its VM's host and its position on the VM."""
 
     vm_id: int
     vm: str
@@ -92,6 +96,7 @@ class PolicyNic:
     ipv4: tuple[str, ...]
     ipv6: tuple[str, ...]
     policy: str | None
+    position: int
 
 
 def create_policy(
@@ -247,13 +252,14 @@ def apply_policies(ctl: Controller, vms: Collection[str] | None = None) -> dict[
 
 
 def forget_rules(ctl: Controller, host: HostRef, vm_id: int) -> None:
-    """Remove a deleted VM's policy rules from its host's switch (its cookie is its id,
-    which the store may give again)."""
+    """Remove a deleted VM's policy rules and meters from its host's switch (its cookie and
+    its meter ids come from its id, which the store may give again)."""
     switch = ctl.agents.vswitch(host)
     if switch is None:
         return
     try:
-        switch.change_flows(host.bridge, [(send_cookie(vm_id), VM_RULES_MASK)], [])
+        cookies = [(send_cookie(vm_id), VM_RULES_MASK)]
+        switch.change_flows(host.bridge, cookies, [], meter_deletes=[vm_meters(vm_id)])
     except VswitchError as error:
         log.error("policy rules of deleted VM %d left on %s: %s", vm_id, host.name, error)
 
@@ -270,7 +276,18 @@ def base_change(
 
 def port_facts(nic: PolicyNic, ofport: int) -> PortFacts:
     """What the compiler needs of a NIC plugged into port `ofport`."""
-    return PortFacts(nic.vm_id, nic.mac, ofport, nic.vlan, nic.ipv4, nic.ipv6)
+    return PortFacts(nic.vm_id, nic.mac, ofport, nic.vlan, nic.ipv4, nic.ipv6, nic.position)
+
+
+def nic_meters(nics: Iterable[PolicyNic], policies: Mapping[str, Policy]) -> list[str]:
+    """The meters of the NICs' rate limits; they name no port, so they are the same on
+    every host."""
+    return [
+        meter
+        for nic in nics
+        if nic.policy is not None
+        for meter in port_meters(policies[nic.policy], port_facts(nic, 0))
+    ]
 
 
 @dataclass(frozen=True)
@@ -287,7 +304,8 @@ class _Plan:
 
 
 def _apply_host(switch: Vswitch, host: HostRef, plan: _Plan) -> int:
-    """One atomic change of a host's policy rules; the number of rules it installs."""
+    """One atomic change of a host's policy rules, with the meters its rules use (a NIC's
+    meter goes with its send rules); the number of rules it installs."""
     ports = switch.ports(host.bridge)
     here = [n for n in plan.nics if n.host == host.name and n.vm_id not in plan.moving]
     deletes, adds = base_change(switch, host, bool(plan.policies))
@@ -295,24 +313,30 @@ def _apply_host(switch: Vswitch, host: HostRef, plan: _Plan) -> int:
     if plan.reconcile:
         vm_ids |= _vm_ids_with_rules(switch, host.bridge) - plan.moving
     deletes += [(send_cookie(vm_id), VM_RULES_MASK) for vm_id in sorted(vm_ids)]
+    meters: list[str] = []
     for nic in here:
         ofport = ports.get(nic.mac)
         if nic.policy is None or ofport is None:
             continue
         policy = plan.policies[nic.policy]
-        compiled = compile_port(policy, port_facts(nic, ofport), plan.peers[nic.policy])
+        facts = port_facts(nic, ofport)
+        compiled = compile_port(policy, facts, plan.peers[nic.policy])
         adds += [*compiled.send, *compiled.receive]
-    switch.change_flows(host.bridge, deletes, adds)
+        meters += port_meters(policy, facts)
+    owned = [vm_meters(vm_id) for vm_id in sorted(vm_ids)]
+    switch.change_flows(host.bridge, deletes, adds, meters, owned)
     return len(adds)
 
 
 def _vm_ids_with_rules(switch: Vswitch, bridge: str) -> set[int]:
-    """The VMs that have send or receive rules on a switch now, by their cookies."""
+    """The VMs that have send or receive rules or meters on a switch now, by their cookies
+    and meter ids."""
     found: set[int] = set()
     for kind in (SEND_KIND, RECEIVE_KIND):
         for flow in switch.flows(bridge, kind << _COOKIE_BITS, KIND_MASK):
             found.add(cookie_of(flow) & ((1 << _COOKIE_BITS) - 1))
-    return found
+    owners = (meter_vm(meter_id_of(meter)) for meter in switch.meters(bridge))
+    return found | {vm_id for vm_id in owners if vm_id is not None}
 
 
 def _apply_after(ctl: Controller, vms: Iterable[str]) -> None:
@@ -399,6 +423,7 @@ def policy_nics(session: Session, vms: Collection[str] | None = None) -> list[Po
                     ipv4=tuple(a for a in addresses if ":" not in a),
                     ipv6=tuple(a for a in addresses if ":" in a),
                     policy=by_vm.get(vm.id) or by_network.get(nic.network_id),
+                    position=nic.position,
                 )
             )
     return nics

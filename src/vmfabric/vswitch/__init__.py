@@ -9,10 +9,13 @@ whole (`cookie`/`mask`) without touching the rules of anybody else. One module p
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 _COOKIE = re.compile(r"^\s*cookie=(0x[0-9a-fA-F]+|\d+)")
+_METER_ID = re.compile(r"^\s*meter=(\d+)(?=[,\s]|$)")
+_METERED = re.compile(r"(?:^|[,\s])actions=(?:.*,)?meter:(\d+)(?=,|$)")
 
 
 class VswitchError(Exception):
@@ -47,14 +50,31 @@ class Vswitch(Protocol):
         ...
 
     def change_flows(
-        self, bridge: str, deletes: Sequence[tuple[int, int]], adds: Sequence[str]
+        self,
+        bridge: str,
+        deletes: Sequence[tuple[int, int]],
+        adds: Sequence[str],
+        meters: Sequence[str] = (),
+        meter_deletes: Sequence[range] = (),
     ) -> None:
-        """Remove the rules matching each `(cookie, mask)` of `deletes` and add `adds`, atomically.
+        """Remove the rules matching each `(cookie, mask)` of `deletes` and add `adds`, atomically;
+        make `meters` the only meters whose ids are in `meter_deletes`.
 
         A migration moves a VM's rules of several kinds at once (its send rules go, its receive
         rules become redirects); one commit keeps the VM from ever being half filtered. Each
-        added rule must carry a cookie matching one of `deletes`, so a later change can remove
-        it again.
+        added rule must carry a cookie matching one of `deletes`, and each meter an id in one
+        of `meter_deletes`, so a later change can remove them again. The meters the added
+        rules use (`meter:N`) are there before the rules, and a meter removed goes only after
+        the rules that used it (a switch deletes the rules of a meter it deletes); a refused
+        change leaves rules and meters as they were.
+        """
+        ...
+
+    def meters(self, bridge: str) -> list[str]:
+        """Every meter of `bridge` in `ovs-ofctl add-meter` syntax, by id.
+
+        A rate limit follows a VM as a meter its send rules use; the texts compare equal to
+        the compiler's (`domain.policy.port_meters`) and install again as they are.
         """
         ...
 
@@ -96,3 +116,54 @@ def cookie_of(rule: str) -> int:
     """The cookie a rule text starts with, as the switches print them (0 when it has none)."""
     found = _COOKIE.match(rule)
     return int(found[1], 0) if found else 0
+
+
+def meter_id_of(meter: str) -> int:
+    """The id of a meter text (`meter=N,...`); VswitchError for a text that names none."""
+    found = _METER_ID.match(meter)
+    if found is None:
+        raise VswitchError(f"meter {meter!r} does not start with meter=<id>")
+    return int(found[1])
+
+
+def metered_by(rule: str) -> int | None:
+    """The meter a rule text's actions pass packets through (`meter:N`), if any."""
+    found = _METERED.search(rule)
+    return int(found[1]) if found else None
+
+
+@dataclass(frozen=True)
+class MeterChange:
+    """What one change does to a bridge's meters: those to add before the rules, and those
+    to modify and to remove after them."""
+
+    added: tuple[str, ...]
+    modified: tuple[str, ...]
+    removed: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls,
+        current: Mapping[int, str],
+        meters: Sequence[str],
+        deletes: Sequence[range],
+        adds: Sequence[str],
+    ) -> MeterChange:
+        """The change from `current` (id -> text) that makes `meters` the only meters in the
+        ranges of `deletes`, with the same checks on every switch: a meter outside those
+        ranges, or a rule using a meter the bridge would not have, refuses it."""
+        wanted = {meter_id_of(meter): meter for meter in meters}
+        for meter_id, meter in wanted.items():
+            if not any(meter_id in ids for ids in deletes):
+                raise VswitchError(f"meter {meter!r} needs an id in a deleted range")
+        removed = [i for i in current if i not in wanted and any(i in ids for ids in deletes)]
+        kept = (set(current) - set(removed)) | set(wanted)
+        for rule in adds:
+            used = metered_by(rule)
+            if used is not None and used not in kept:
+                raise VswitchError(f"flow {rule!r} uses meter {used}, which would not exist")
+        return cls(
+            added=tuple(m for i, m in wanted.items() if i not in current),
+            modified=tuple(m for i, m in wanted.items() if i in current and current[i] != m),
+            removed=tuple(sorted(removed)),
+        )

@@ -1,4 +1,5 @@
-"""`Vswitch` in memory: rule sets by cookie, ports and peer links set by the caller.
+"""`Vswitch` in memory: rule sets by cookie, meters by id, ports and peer links set by the
+caller.
 
 The controller's use cases (blocks, policies, the migration method) are tested on it quickly
 and without root; the same contract tests (`tests/lab/test_vswitch_contract.py`) run on the
@@ -11,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmfabric.vswitch import VswitchError, cookie_of
+from vmfabric.vswitch import MeterChange, VswitchError, cookie_of, meter_id_of, metered_by
 
 
 @dataclass
 class MemorySwitch:
-    """A switch whose bridges hold rule texts; `plugged`, `peers`, `tags` (port -> VLAN) and
-    `counts` are set by the test (as libvirt plugging a VM, or traffic, would change them on
-    a real switch)."""
+    """A switch whose bridges hold rule texts and meters (`meter_table`: id -> text);
+    `plugged`, `peers`, `tags` (port -> VLAN) and `counts` are set by the test (as libvirt
+    plugging a VM, or traffic, would change them on a real switch)."""
 
     rules: dict[str, list[str]] = field(default_factory=dict)
+    meter_table: dict[str, dict[int, str]] = field(default_factory=dict)
     plugged: dict[str, dict[str, int]] = field(default_factory=dict)
     peers: dict[str, dict[str, int]] = field(default_factory=dict)
     tags: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -41,19 +43,35 @@ class MemorySwitch:
         self.change_flows(bridge, [(cookie, mask)], flows)
 
     def change_flows(
-        self, bridge: str, deletes: Sequence[tuple[int, int]], adds: Sequence[str]
+        self,
+        bridge: str,
+        deletes: Sequence[tuple[int, int]],
+        adds: Sequence[str],
+        meters: Sequence[str] = (),
+        meter_deletes: Sequence[range] = (),
     ) -> None:
-        """All or nothing, like a bundle: a rule no delete could remove again is refused."""
+        """All or nothing, like a bundle: a rule no delete could remove again, or that uses
+        a meter the bridge would not have, is refused. A meter removed takes the rules that
+        use it along, as on Open vSwitch."""
         for flow in adds:
             cookie = cookie_of(flow)
             if not any(cookie & mask == wanted & mask for wanted, mask in deletes):
                 raise VswitchError(f"flow {flow!r} needs a cookie matching one of the deletes")
+        current = self.meter_table.get(bridge, {})
+        change = MeterChange.of(current, meters, meter_deletes, adds)
 
         def kept(rule: str) -> bool:
-            return not any(cookie_of(rule) & mask == c & mask for c, mask in deletes)
+            deleted = any(cookie_of(rule) & mask == c & mask for c, mask in deletes)
+            return not deleted and metered_by(rule) not in change.removed
 
+        table = {**current, **{meter_id_of(m): m for m in (*change.added, *change.modified)}}
+        self.meter_table[bridge] = {i: table[i] for i in sorted(table) if i not in change.removed}
         self.rules[bridge] = [r for r in self.rules.get(bridge, []) if kept(r)] + list(adds)
         self.changes += 1
+
+    def meters(self, bridge: str) -> list[str]:
+        """The meter texts of `bridge`, by id."""
+        return list(self.meter_table.get(bridge, {}).values())
 
     def packets(self, bridge: str, cookie: int, mask: int) -> int:
         """The packets counted for the matching cookies."""

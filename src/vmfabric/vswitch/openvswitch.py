@@ -3,11 +3,24 @@
 The command-line tools are the interface Open vSwitch keeps stable across versions; a flow
 text in their syntax is what the rule compilers produce. A change of rules is one OpenFlow 1.4
 bundle (`ovs-ofctl --bundle add-flows`) fed on stdin: a `delete` per cookie set followed by an
-`add` per rule, committed by the switch all together or not at all.
+`add` per rule, committed by the switch all together or not at all. Rules are read back in
+OpenFlow 1.4 too: OpenFlow 1.0 cannot say `meter:N`, and ovs-ofctl would leave it out.
+
+Rate limits are OpenFlow 1.3 meters, which Open vSwitch takes in no bundle: a change adds the
+meters its rules use before the bundle, and modifies and deletes meters after it (a deleted
+meter takes the rules that use it along).
+
+What a libvirt host's switch needs: its bridge must accept OpenFlow 1.3 and 1.4 (it does when
+the Bridge's `protocols` column is empty; one that lists protocols must list both, e.g.
+`ovs-vsctl set bridge br0 protocols=OpenFlow10,OpenFlow13,OpenFlow14`), and its datapath must
+have meters (`ovs-ofctl -O OpenFlow13 meter-features br0` shows `max_meter` above 0): the
+userspace datapath (`datapath_type=netdev`, the lab's) has them, and so does the Linux
+kernel's from 4.15 on. Meter ids from 100 up are vmfabric's (`domain.policy.METERS_PER_VM`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -19,7 +32,7 @@ from typing import Any
 
 from vmfabric.domain.names import normalize_mac
 from vmfabric.lab.ovs import switch_access
-from vmfabric.vswitch import VswitchError
+from vmfabric.vswitch import MeterChange, VswitchError, meter_id_of
 
 TIMEOUT = 60.0
 """Seconds any one tool may take; 20,000 rules take well under one."""
@@ -33,7 +46,11 @@ PEER_MARK = "vmfabric-peer"
 SYSTEM_RUNDIR = "/var/run/openvswitch"
 """Where the system's Open vSwitch keeps its sockets unless `OVS_RUNDIR` says otherwise."""
 
+OPENFLOW = "OpenFlow14"
+"""The protocol rules and meters are written and read in: that of the bundles."""
+
 _COOKIE_BITS = 64
+_METER_START = re.compile(r"^(?=meter=)", re.M)
 _ACTIONS = re.compile(r"\bactions?=")
 _COOKIE = re.compile(r"(?:^|[,\s])cookie=(0x[0-9a-fA-F]+|[1-9][0-9]*|0)(?=[,\s]|$)")
 _PACKET_COUNT = re.compile(r"\bpacket_count=(\d+)")
@@ -138,7 +155,13 @@ class OpenVswitch:
         (which ovs-ofctl may print for numbers) would change with a renamed port.
         """
         dumped = self._ofctl(
-            "--no-stats", "--no-names", "dump-flows", bridge, _cookie_match(cookie, mask)
+            "-O",
+            OPENFLOW,
+            "--no-stats",
+            "--no-names",
+            "dump-flows",
+            bridge,
+            _cookie_match(cookie, mask),
         )
         return sorted(line.strip() for line in dumped.splitlines() if line.strip())
 
@@ -147,16 +170,42 @@ class OpenVswitch:
         self.change_flows(bridge, [(cookie, mask)], flows)
 
     def change_flows(
-        self, bridge: str, deletes: Sequence[tuple[int, int]], adds: Sequence[str]
+        self,
+        bridge: str,
+        deletes: Sequence[tuple[int, int]],
+        adds: Sequence[str],
+        meters: Sequence[str] = (),
+        meter_deletes: Sequence[range] = (),
     ) -> None:
-        """One bundle: a `delete` per `(cookie, mask)` of `deletes`, then an `add` per rule.
+        """One bundle: a `delete` per `(cookie, mask)` of `deletes`, then an `add` per rule;
+        the new meters before it, the changed and the unwanted ones after it.
 
         Each added rule must carry a cookie matching one of `deletes`, or a later change could
-        not remove it again. The switch commits the bundle whole or refuses it whole.
+        not remove it again. The switch commits the bundle whole or refuses it whole; the
+        meters added for a refused bundle are deleted again (a meter the switch refuses to
+        modify or delete once the bundle is in raises too, and the next change of the set
+        repeats it). Without meters to set or delete the meters are not read: the switch
+        itself refuses a rule using an unknown meter.
         """
         lines = [f"delete {_cookie_match(cookie, mask)}" for cookie, mask in deletes]
         lines += [f"add {_checked_flow(flow, deletes)}" for flow in adds]
-        self._ofctl("--bundle", "add-flows", bridge, "-", stdin="\n".join(lines) + "\n")
+        change = self._meter_change(bridge, meters, meter_deletes, adds)
+        for meter in change.added:
+            self._ofctl("-O", OPENFLOW, "add-meter", bridge, meter)
+        try:
+            self._ofctl("--bundle", "add-flows", bridge, "-", stdin="\n".join(lines) + "\n")
+        except VswitchError:
+            with contextlib.suppress(VswitchError):
+                self._delete_meters(bridge, [meter_id_of(meter) for meter in change.added])
+            raise
+        for meter in change.modified:
+            self._ofctl("-O", OPENFLOW, "mod-meter", bridge, meter)
+        self._delete_meters(bridge, change.removed)
+
+    def meters(self, bridge: str) -> list[str]:
+        """`ovs-ofctl dump-meters` rewritten in add-meter syntax (`meter=N,kbps,...,bands=...`),
+        one text per meter whatever the number of its bands, by id."""
+        return list(self._meters_by_id(bridge).values())
 
     def packets(self, bridge: str, cookie: int, mask: int) -> int:
         """The sum of the rules' packet counts, added up by the switch (`dump-aggregate`).
@@ -214,6 +263,26 @@ class OpenVswitch:
             for ofport, (_, pairs) in table["data"]
             if isinstance(ofport, int) and ofport > 0
         ]
+
+    def _meter_change(
+        self, bridge: str, meters: Sequence[str], deletes: Sequence[range], adds: Sequence[str]
+    ) -> MeterChange:
+        """`MeterChange.of` the bridge's meters, read only when the change is about meters."""
+        if not meters and not deletes:
+            return MeterChange((), (), ())
+        return MeterChange.of(self._meters_by_id(bridge), meters, deletes, adds)
+
+    def _meters_by_id(self, bridge: str) -> dict[int, str]:
+        """Meter id -> text of `bridge`'s meters, in one tool run."""
+        dumped = self._ofctl("-O", OPENFLOW, "dump-meters", bridge)
+        body = dumped.split("\n", 1)[1] if "\n" in dumped else ""
+        texts = (_meter_text(block) for block in _METER_START.split(body) if block.strip())
+        return dict(sorted((meter_id_of(text), text) for text in texts))
+
+    def _delete_meters(self, bridge: str, ids: Sequence[int]) -> None:
+        """One tool run per meter: ovs-ofctl deletes one meter, or all of them, at a time."""
+        for meter_id in ids:
+            self._ofctl("-O", OPENFLOW, "del-meters", bridge, f"meter={meter_id}")
 
     def _vsctl(self, *args: str) -> str:
         database = [f"--db={self._db}"] if self._db else []
@@ -280,6 +349,12 @@ def gratuitous_arp(mac: str, ipv4: str) -> bytes:
         "!HHBBH6s4s6s4s", *_ARP_ETHERNET_IPV4, _ARP_REQUEST, hardware, address, bytes(6), address
     )
     return (ethernet + arp).ljust(_MIN_FRAME, b"\0")
+
+
+def _meter_text(dumped: str) -> str:
+    """One meter as dump-meters prints it (`meter=5 kbps burst bands=` and a line per band of
+    `type=drop rate=R burst_size=B`) in add-meter syntax, which takes the same words."""
+    return ",".join(dumped.split()).replace("bands=,", "bands=")
 
 
 def _cookie_match(cookie: int, mask: int) -> str:
