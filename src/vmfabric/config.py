@@ -13,6 +13,7 @@ DEFAULT_URL = "http://127.0.0.1:8750"
 DEFAULT_STATE = "/var/lib/vmfabric"
 DEFAULT_ZONE = "vmfabric.test"
 DEFAULT_DNS_LISTEN = "127.0.0.1:5353"
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8751"
 
 
 def state_dir() -> Path:
@@ -60,3 +61,14 @@ def lease_socket() -> Path:
     namespace where the controller's loopback address does not exist.
     """
     return state_dir() / "run" / "lease-events.sock"
+
+
+def access_key_file() -> Path:
+    """The key access credentials are signed with, unless `serve --access-key-file` names
+    another: created (32 random bytes, mode 0600) when missing."""
+    return state_dir() / "access.key"
+
+
+def gateway_url() -> str:
+    """The access gateway that `access grant` shows how to use (`VMFABRIC_GATEWAY_URL`)."""
+    return os.environ.get("VMFABRIC_GATEWAY_URL", DEFAULT_GATEWAY_URL).rstrip("/")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import VmState
+from vmfabric.services.access import use_counts
 from vmfabric.services.checks import Checker, check_status, run_checks
 from vmfabric.services.context import Controller
 from vmfabric.services.migrations import MigrationView
@@ -76,6 +77,32 @@ LEASE_EVENTS = Counter(
     ["action", "changed"],
     registry=registry,
 )
+
+ACCESS_GRANTS = Counter(
+    "vmfabric_access_grants",
+    "Access credentials asked for, by outcome (ok, error)",
+    ["outcome"],
+    registry=registry,
+)
+
+
+class AccessUseCollector(Collector):
+    """Uses of access credentials at the gateway, as `services.access` counts them (the
+    gateway logs them there, below this layer)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """One sample per kind and outcome seen."""
+        uses = CounterMetricFamily(
+            "vmfabric_access_uses",
+            "Uses of access credentials at the gateway, by kind (http, tcp) and outcome",
+            labels=["kind", "outcome"],
+        )
+        for (kind, outcome), count in sorted(use_counts().items()):
+            uses.add_metric([kind, outcome], count)
+        yield uses
+
+
+registry.register(AccessUseCollector())
 
 
 class StateCollector(Collector):

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from vmfabric.domain.errors import VmfabricError
+from vmfabric.domain.errors import Unauthorized, VmfabricError
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +22,21 @@ def problem(status: int, title: str, detail: str, **extra: object) -> JSONRespon
     return JSONResponse(body, status_code=status, media_type=PROBLEM_TYPE)
 
 
+def error_problem(error: VmfabricError) -> JSONResponse:
+    """The problem document of a domain error; a 401 names its scheme (`WWW-Authenticate`),
+    as RFC 9110 requires. The access gateway can answer its refusals with it."""
+    response = problem(error.status, error.title, error.detail, **error.extra)
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = error.challenge
+    return response
+
+
 def install(app: FastAPI) -> None:
     """Make every error the API returns a problem document with a readable `detail`."""
 
     @app.exception_handler(VmfabricError)
     async def domain_error(_request: Request, error: VmfabricError) -> JSONResponse:
-        return problem(error.status, error.title, error.detail, **error.extra)
+        return error_problem(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:

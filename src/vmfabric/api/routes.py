@@ -1,4 +1,4 @@
-"""The REST API under /api/v1: hosts, networks, VMs, leases, groups, checks, policies.
+"""The REST API under /api/v1: hosts, networks, VMs, leases, groups, checks, policies, access.
 
 Handlers are plain `def`, which FastAPI runs in its thread pool, since most use cases do
 blocking database and driver work; a VM create, the hot path, is a coroutine on the event
@@ -11,11 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import Counter
 
 from vmfabric import __version__
 from vmfabric.api.metrics import (
+    ACCESS_GRANTS,
     GROUP_OPERATIONS,
     POLICY_OPERATIONS,
     VM_CREATE_SECONDS,
@@ -24,6 +25,7 @@ from vmfabric.api.metrics import (
     timed_checks,
 )
 from vmfabric.api.schemas import (
+    AccessIn,
     AddressIn,
     AttachIn,
     BlockIn,
@@ -33,12 +35,15 @@ from vmfabric.api.schemas import (
     NetworkIn,
     PolicyDocumentIn,
     PolicyIn,
+    RevokeIn,
     UnblockIn,
     VmIn,
 )
+from vmfabric.domain.access import parse_ttl
 from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.services import (
+    access,
     checks,
     groups,
     hosts,
@@ -319,6 +324,41 @@ def detach_policy(request: Request, name: str, body: AttachIn) -> policies.Polic
 
 def _attachment(body: AttachIn) -> policies.Attachment:
     return policies.Attachment(vm=body.vm, network=body.network)
+
+
+@router.post("/access", status_code=201)
+def grant_access(request: Request, body: AccessIn) -> access.IssuedGrant:
+    """Grant access to one port of a VM through the host's access gateway: the grant with its
+    signed credential, given this once."""
+    with ACCESS_GRANTS.labels("error").count_exceptions():
+        issued = access.grant_access(
+            _ctl(request), body.vm, body.port, parse_ttl(body.ttl), user=body.user, by=body.by
+        )
+    ACCESS_GRANTS.labels("ok").inc()
+    return issued
+
+
+@router.get("/access")
+def list_access(
+    request: Request,
+    vm: str | None = None,
+    include_all: bool = Query(False, alias="all", description="Expired and revoked too."),
+) -> list[access.GrantView]:
+    """The grants in force (`?all=true`: every grant), of every VM or of one, newest first,
+    with their number of uses; never their credentials."""
+    return access.list_grants(_ctl(request), vm, include_all)
+
+
+@router.get("/access/{grant_id}")
+def show_access(request: Request, grant_id: str) -> access.GrantDetail:
+    """One grant with its latest uses."""
+    return access.show_grant(_ctl(request), grant_id)
+
+
+@router.post("/access/{grant_id}/revoke")
+def revoke_access(request: Request, grant_id: str, body: RevokeIn) -> access.GrantView:
+    """End a grant now (kept, with who revoked it, for the audit)."""
+    return access.revoke_grant(_ctl(request), grant_id, body.by)
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

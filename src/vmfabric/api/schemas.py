@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vmfabric.domain.access import DEFAULT_TTL
 from vmfabric.services.vms import DEFAULT_IMAGE
 
 
@@ -107,3 +108,20 @@ class AttachIn(_Body):
 
     vm: str | None = None
     network: str | None = None
+
+
+class AccessIn(_Body):
+    """Grant access to one port of a VM: for how long (`30s`, `15m`, `2h`, `1d`, `1h30m`), for
+    whom (`for`, any user name; none for whoever holds the credential), and who asks."""
+
+    vm: str
+    port: int
+    ttl: str = DEFAULT_TTL
+    user: str | None = Field(default=None, alias="for")
+    by: str = "api"
+
+
+class RevokeIn(_Body):
+    """Revoke a grant: who asks."""
+
+    by: str = "api"

@@ -26,6 +26,7 @@ from vmfabric.domain.dns_records import absolute
 from vmfabric.domain.model import LeaseEvent
 from vmfabric.fabric import Fabric
 from vmfabric.process_identity import current_owner
+from vmfabric.services.access import configure_access, flush_uses
 from vmfabric.services.checks import CheckChange, Checker, CheckSettings
 from vmfabric.services.context import Controller
 from vmfabric.services.guest_addresses import sweep_guest_addresses
@@ -69,6 +70,8 @@ class ServeOptions:
     webhooks: tuple[str, ...] = ()
     webhook_secret: bytes = b""
     migrations: MigrationSettings = field(default_factory=MigrationSettings)
+    access_key: bytes | None = field(default=None, repr=False)
+    """The key access credentials are signed with; None: the state directory's."""
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -93,6 +96,7 @@ def build_controller(db_url: str, lab: bool) -> Controller:
 def build_app(options: ServeOptions) -> FastAPI:
     """The controller's app, reconciled with the world and listening for lease events."""
     ctl = build_controller(options.db_url, options.lab)
+    configure_access(ctl, options.access_key)
     reconcile(ctl)
     engine = MigrationEngine(ctl, options.migrations, on_finish=count_migration)
     engine.resume()
@@ -159,6 +163,7 @@ def _background(
             listener.close()
             if names is not None:
                 names()
+            flush_uses(ctl)
             ctl.close()
 
         return stop

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import getpass
-import socket
 from typing import Annotated, Any
 
 import typer
 
 from vmfabric.cli.client import ApiClient
-from vmfabric.cli.output import JsonFlag, console, fail, run, table
+from vmfabric.cli.output import JsonFlag, console, fail, operator, run, table
 
 app = typer.Typer(
     help="Groups of VMs (<host>-<image>), their DNS names and blocks.", no_args_is_help=True
@@ -81,11 +79,6 @@ def _path(group: str | None, image: str | None, action: str) -> str:
     return f"/images/{image}/{action}" if image is not None else f"/groups/{group}/{action}"
 
 
-def _operator() -> str:
-    """Who acts, for the audit trail: the local user at this machine."""
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
 @app.command("list")
 def list_groups(as_json: JsonFlag = False) -> None:
     """Every group with its VMs, registered addresses and blocks."""
@@ -114,7 +107,7 @@ def block(
     """Quarantine a group's VMs (or an image's, on every host): only DHCP and the allowed
     networks pass their switch ports, now and for VMs that join later."""
     path = _path(group, image, "block")
-    body = {"reason": reason, "by": _operator(), "allow": allow or []}
+    body = {"reason": reason, "by": operator(), "allow": allow or []}
     run(as_json, lambda: ApiClient().post(path, body), _done)
 
 
@@ -127,5 +120,5 @@ def unblock(
 ) -> None:
     """Lift the block of a group (or of an image)."""
     path = _path(group, image, "unblock")
-    body = {"reason": reason, "by": _operator()}
+    body = {"reason": reason, "by": operator()}
     run(as_json, lambda: ApiClient().post(path, body), _done)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vmfabric import config
-from vmfabric.cli import checks, groups, hosts, lab, networks, policies, vms
+from vmfabric.cli import access, checks, groups, hosts, lab, networks, policies, vms
 from vmfabric.cli.output import fail
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ app.add_typer(groups.app, name="group")
 app.add_typer(checks.app, name="check")
 app.add_typer(policies.app, name="policy")
 app.add_typer(lab.app, name="lab")
+app.add_typer(access.app, name="access")
 
 
 @app.command()
@@ -138,6 +139,16 @@ def serve(
             "(off only to measure what it buys).",
         ),
     ] = True,
+    access_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--access-key-file",
+            envvar="VMFABRIC_ACCESS_KEY_FILE",
+            help="Key (at least 32 bytes, all of the file) access credentials are signed with "
+            "(default: access.key in the state directory, made at the start when missing).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the controller (API, DHCP supervision, host agents in-process)."""
     from vmfabric.api.server import ServeOptions
@@ -155,6 +166,7 @@ def serve(
     if check_interval < 0:
         fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
     moves = _migration_settings(migration_timeout, migration_grace, migration_redirect)
+    access_key = _access_key(access_key_file) if access_key_file is not None else None
     if dns is not None:
         _require_free(dns)
     if cpu is not None:
@@ -178,6 +190,7 @@ def serve(
             webhooks=urls,
             webhook_secret=secret,
             migrations=moves,
+            access_key=access_key,
         )
     )
 
@@ -255,6 +268,17 @@ def _tsig_key(path: Path) -> TsigKey:
         fail(f"invalid --dns-tsig-key-file {str(path)!r}: {error.strerror or error}", 2)
     except ValueError as error:
         fail(f"invalid --dns-tsig-key-file: {error}", 2)
+
+
+def _access_key(path: Path) -> bytes:
+    """The key of `--access-key-file`, or exit 2 saying what is wrong with the file."""
+    from vmfabric.domain.errors import InvalidInput
+    from vmfabric.services.access import read_key
+
+    try:
+        return read_key(path)
+    except InvalidInput as error:
+        fail(f"invalid --access-key-file: {error.detail}", 2)
 
 
 def _require_free(address: tuple[str, int]) -> None:

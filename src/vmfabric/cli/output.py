@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -95,3 +97,8 @@ def steps(enabled: bool) -> Iterator[Callable[[str], None]]:
         yield step
         for task in current:
             bar.update(task, total=1, completed=1)
+
+
+def operator() -> str:
+    """Who acts, for audit trails (blocks, access grants): the local user at this machine."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"

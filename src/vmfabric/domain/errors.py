@@ -29,6 +29,30 @@ class InvalidInput(VmfabricError, ValueError):
     title = "Invalid input"
 
 
+class Unauthorized(VmfabricError):
+    """The request carries no credential, or one that is not (or no longer) valid: malformed,
+    forged, expired or revoked (`extra["reason"]` says which)."""
+
+    status = 401
+    title = "Unauthorized"
+
+    @property
+    def challenge(self) -> str:
+        """The answer's `WWW-Authenticate` (RFC 6750): a credential that was presented but is
+        not valid is an `invalid_token`; a missing one only names the scheme."""
+        if self.extra.get("reason") in (None, "missing"):
+            return 'Bearer realm="vmfabric"'
+        return 'Bearer realm="vmfabric", error="invalid_token"'
+
+
+class Forbidden(VmfabricError):
+    """The credential is valid but does not cover what the request asks for (another VM or
+    another port)."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFound(VmfabricError):
     """The request names something that does not exist."""
 

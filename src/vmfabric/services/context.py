@@ -41,9 +41,10 @@ class HostAgents(Protocol):
         ...
 
 
-@dataclass
+@dataclass(eq=False)
 class Controller:
-    """The controller's collaborators, handed to every use case."""
+    """The controller's collaborators, handed to every use case; compared and hashed by
+    identity, so per-controller state can be kept beside it (`weakref.WeakKeyDictionary`)."""
 
     sessions: sessionmaker[Session]
     agents: HostAgents

@@ -288,3 +288,50 @@ class VmMigration(Base):
 
 
 Index("ix_vm_migrations_vm", VmMigration.vm_id, VmMigration.phase)
+
+
+class AccessGrant(Base):
+    """An access credential issued for one port of one VM (`domain.access`), kept to list,
+    revoke and audit it. The credential itself is not stored: it is given once, and only
+    the signing key makes it again. `vm` keeps the VM's name for the log; the grant goes with
+    its VM."""
+
+    __tablename__ = "access_grants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm: Mapped[str] = mapped_column(String(63))
+    port: Mapped[int] = mapped_column(Integer)
+    user: Mapped[str | None] = mapped_column(String(128))
+    granted_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column()
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    revoked_by: Mapped[str | None] = mapped_column(String(255))
+
+
+Index("ix_access_grants_vm", AccessGrant.vm_id)
+Index("ix_access_grants_expires", AccessGrant.expires_at)
+
+
+class AccessUse(Base):
+    """One use of a credential at the access gateway, refused or not: the grant (when the
+    credential was authentic and its grant still exists), what was asked for, by whom, how
+    it ended."""
+
+    __tablename__ = "access_uses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    grant_id: Mapped[str | None] = mapped_column(
+        ForeignKey("access_grants.id", ondelete="SET NULL")
+    )
+    vm: Mapped[str] = mapped_column(String(63))
+    port: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column()
+    client: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(String(1024))
+
+
+Index("ix_access_uses_grant_at", AccessUse.grant_id, AccessUse.at)
