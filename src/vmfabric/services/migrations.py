@@ -44,6 +44,7 @@ from vmfabric.domain.policy import (
     in_port_of,
     receive_cookie,
     redirect_receive,
+    retarget_receive,
     retarget_send,
     send_cookie,
     vm_meters,
@@ -65,7 +66,7 @@ from vmfabric.services.policies import (
 from vmfabric.services.views import as_utc
 from vmfabric.store import repository
 from vmfabric.store.tables import Vm, VmMigration, utcnow
-from vmfabric.vswitch import Vswitch, VswitchError
+from vmfabric.vswitch import Vswitch, VswitchError, cookie_of
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,26 @@ class MigrationEngine:
             self._install(move.destination, move, rules)
 
     def _install_destination(self, move: _Move) -> None:
-        """The send rules from the source (saved, or read now) rewritten for the new ports,
-        and the receive rules, on the destination in one change."""
+        """The VM's rules as the source holds them, moved to the new ports, on the destination
+        in one change: the send rules (saved at the take-off, or read now) rewritten for the
+        new ports, the receive rules with their delivery pointed at them. Compiled instead
+        when the source has none to give (its receive rules are redirected once it let go)."""
         assert move.destination is not None
         new_ports = {mac: int(p["new"] or 0) for mac, p in move.ports.items()}
-        send = self._send_rules_for(move, new_ports)
-        receive = self._compiled(move, new_ports, send=False)
-        self._install(move.destination, move, send + receive)
+        held = [] if move.saved else self._read(move.source, send_cookie(move.vm_id), VM_RULES_MASK)
+        send = move.saved or [r for r in held if cookie_of(r) == send_cookie(move.vm_id)]
+        receive = [r for r in held if cookie_of(r) == receive_cookie(move.vm_id)]
+        rules = (
+            self._retargeted_send(move, send, new_ports)
+            if send
+            else self._compiled(move, new_ports, send=True)
+        )
+        rules += (
+            self._retargeted_receive(move, receive, new_ports)
+            if receive
+            else self._compiled(move, new_ports, send=False)
+        )
+        self._install(move.destination, move, rules)
 
     def _install(self, host: HostRef, move: _Move, rules: list[str]) -> None:
         """Make `rules` the VM's only rules on `host`, with the base rules they need, in one
@@ -287,12 +301,13 @@ class MigrationEngine:
             meters = nic_meters(move.nics, stored_policies(uow.session))
         switch.change_flows(host.bridge, deletes, base + rules, meters, [vm_meters(move.vm_id)])
 
-    def _send_rules_for(self, move: _Move, new_ports: Mapping[str, int]) -> list[str]:
-        """The VM's send rules for `new_ports`: the saved or current ones of the source,
-        each NIC's rewritten for its new port; compiled when the source has none to give."""
-        rules = move.saved or self._read(move.source, send_cookie(move.vm_id))
-        if not rules:
-            return self._compiled(move, new_ports, send=True)
+    def _retargeted_send(
+        self, move: _Move, rules: list[str], new_ports: Mapping[str, int]
+    ) -> list[str]:
+        """Send rules of the source rewritten for `new_ports`, each NIC's by the port it had
+        (all of them when the VM has one NIC, else told apart by `in_port`)."""
+        if len(move.nics) == 1:
+            return retarget_send(rules, new_ports[move.nics[0].mac])
         old_ports = {mac: p.get("old") for mac, p in move.ports.items()}
         current = self._switch(move.source).ports(move.source.bridge)
         rewritten: list[str] = []
@@ -302,13 +317,24 @@ class MigrationEngine:
             rewritten += retarget_send(mine, new_ports[nic.mac])
         return rewritten
 
+    def _retargeted_receive(
+        self, move: _Move, rules: list[str], new_ports: Mapping[str, int]
+    ) -> list[str]:
+        """Receive rules of the source whose delivery outputs to each NIC's new port."""
+        retargeted: list[str] = []
+        for nic in move.nics:
+            mine = [r for r in rules if f"dl_dst={nic.mac}" in r]
+            retargeted += retarget_receive(mine, new_ports[nic.mac])
+        return retargeted
+
     def _take_off_source(self, move: _Move) -> None:
         """Save the send rules, then one change on the source: delete them and redirect
         what the receive rules allow to the peer link toward the destination."""
         switch = self._switch(move.source)
         bridge = move.source.bridge
-        saved = self._read(move.source, send_cookie(move.vm_id))
-        receive = self._read(move.source, receive_cookie(move.vm_id))
+        rules = self._read(move.source, send_cookie(move.vm_id), VM_RULES_MASK)
+        saved = [r for r in rules if cookie_of(r) == send_cookie(move.vm_id)]
+        receive = [r for r in rules if cookie_of(r) == receive_cookie(move.vm_id)]
         self._save(move.id, saved)
         redirected: list[str] = []
         peer = self._peer_port(move)
@@ -375,8 +401,8 @@ class MigrationEngine:
             raise VswitchError(f"host {host.name} has no switch to move rules on")
         return switch
 
-    def _read(self, host: HostRef, cookie: int) -> list[str]:
-        return self._switch(host).flows(host.bridge, cookie, EXACT)
+    def _read(self, host: HostRef, cookie: int, mask: int = EXACT) -> list[str]:
+        return self._switch(host).flows(host.bridge, cookie, mask)
 
     def _ports_at(self, host: HostRef, nics: list[PolicyNic]) -> dict[str, int]:
         """The VM's NICs that have a port on `host`'s switch: MAC -> port."""

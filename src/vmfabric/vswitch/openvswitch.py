@@ -28,6 +28,7 @@ import re
 import struct
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmfabric.domain.names import normalize_mac
@@ -76,49 +77,25 @@ class OpenVswitch:
         """MAC -> OpenFlow port of `bridge`'s interfaces marked with `attached-mac`.
 
         The mark, not the interface name, ties a port to a VM NIC: libvirt names taps `vnetN`
-        and reuses the names. Two tool runs whatever the number of ports.
+        and reuses the names. One tool run whatever the number of ports.
         """
-        found = (_attached_port(ofport, marks) for ofport, marks in self._interfaces(bridge))
+        found = (_attached_port(i.ofport, i.marks) for i in self._interfaces(bridge))
         return dict(port for port in found if port is not None)
 
     def peer_ports(self, bridge: str) -> dict[str, int]:
         """Other host -> OpenFlow port of `bridge`'s interfaces marked `vmfabric-peer=<host>`.
 
         The operator (or the lab) marks the link to each other host, whatever its kind (patch
-        port, tunnel); two tool runs whatever the number of ports.
+        port, tunnel); one tool run whatever the number of ports.
         """
         return {
-            marks[PEER_MARK]: ofport
-            for ofport, marks in self._interfaces(bridge)
-            if PEER_MARK in marks
+            i.marks[PEER_MARK]: i.ofport for i in self._interfaces(bridge) if PEER_MARK in i.marks
         }
 
     def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
-        """Ports whose `tag` is `vlan` (access ports), with their interfaces' numbers, read
-        in two tool runs whatever the number of ports."""
-        names = self._vsctl("list-ports", bridge).split()
-        if not names:
-            return []
-        listed = self._vsctl(
-            "--format=json",
-            "--columns=name,tag",
-            "list",
-            "Port",
-            *names,
-            "--",
-            "--if-exists",
-            "--columns=name,ofport",
-            "list",
-            "Interface",
-            *names,
-        )
-        ports, interfaces = (json.loads(line) for line in listed.splitlines() if line.strip())
-        tagged = {name for name, tag in ports["data"] if tag == vlan}
-        return sorted(
-            ofport
-            for name, ofport in interfaces["data"]
-            if name in tagged and isinstance(ofport, int) and ofport > 0
-        )
+        """Ports whose `tag` is `vlan` (access ports), by their interfaces' numbers, read in
+        one tool run whatever the number of ports."""
+        return sorted(i.ofport for i in self._interfaces(bridge) if i.tag == vlan)
 
     def interface_bridges(self) -> dict[str, str]:
         """Interface row UUID -> name of the bridge holding it, read in one transaction.
@@ -240,28 +217,36 @@ class OpenVswitch:
         """The environment every tool of this switch runs in (`OVS_RUNDIR` and friends)."""
         return {**os.environ, **self._env}
 
-    def _interfaces(self, bridge: str) -> list[tuple[int, dict[str, str]]]:
-        """(OpenFlow port, external_ids) of `bridge`'s numbered interfaces, in two tool runs.
+    def _interfaces(self, bridge: str) -> list[_Interface]:
+        """`bridge`'s numbered interfaces, with their marks and their port's VLAN tag, in one
+        tool run (one OVSDB transaction: a migration step reads them while ports change).
 
-        Interfaces without a number yet (`[]`) or that the switch could not open (-1) cannot
-        carry traffic, so no rule may name them.
+        `list-ifaces` names the bridge's interfaces (and fails for a bridge that does not
+        exist); the two tables come whole, which costs less than a second run. Interfaces
+        without a number yet (`[]`) or that the switch could not open (-1) cannot carry
+        traffic, so no rule may name them.
         """
-        names = self._vsctl("list-ifaces", bridge).split()
-        if not names:
-            return []
         listed = self._vsctl(
             "--format=json",
-            "--if-exists",
-            "--columns=ofport,external_ids",
+            "list-ifaces",
+            bridge,
+            "--",
+            "--columns=name,ofport,external_ids",
             "list",
             "Interface",
-            *names,
+            "--",
+            "--columns=name,tag",
+            "list",
+            "Port",
         )
-        table: dict[str, Any] = json.loads(listed)
+        lines = [line.strip() for line in listed.splitlines() if line.strip()]
+        names = {line for line in lines if not line.startswith("{")}
+        interfaces, ports = (json.loads(line) for line in lines if line.startswith("{"))
+        tags = {name: tag for name, tag in ports["data"] if isinstance(tag, int)}
         return [
-            (ofport, dict(pairs))
-            for ofport, (_, pairs) in table["data"]
-            if isinstance(ofport, int) and ofport > 0
+            _Interface(name, ofport, dict(pairs), tags.get(name))
+            for name, ofport, (_, pairs) in interfaces["data"]
+            if name in names and isinstance(ofport, int) and ofport > 0
         ]
 
     def _meter_change(
@@ -317,6 +302,17 @@ def lab_vswitch() -> OpenVswitch:
     """The lab's private switch, so lab VMs and tests never touch a system Open vSwitch."""
     access = switch_access()
     return OpenVswitch(env=access.env, db=access.db)
+
+
+@dataclass(frozen=True)
+class _Interface:
+    """An interface of a bridge as the driver reads it: the VLAN tag is its port's (access
+    ports), None on a trunk."""
+
+    name: str
+    ofport: int
+    marks: dict[str, str]
+    tag: int | None
 
 
 def _attached_port(ofport: int, marks: Mapping[str, str]) -> tuple[str, int] | None:
