@@ -46,3 +46,9 @@ bench: install
 
 down: sync
 	$(UV) run vmfabric lab down
+
+# The guest proxy as one executable file (a zipapp of the real modules; any python3 >= 3.8
+# runs it), to copy into a guest with packaging/vmfabric-guest-proxy.service.
+.PHONY: guest-proxy
+guest-proxy: sync
+	$(UV) run python -m vmfabric.access.bundle dist/vmfabric-guest-proxy

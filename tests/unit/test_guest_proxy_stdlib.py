@@ -1,0 +1,106 @@
+"""The guest proxy needs nothing but Python's standard library, from Python 3.8 on.
+
+Checked on the source modules and on the built single file: every import is a standard
+library module or one of the modules bundled with it, the code parses as Python 3.8, and the
+file runs under the machine's own interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import vmfabric
+from vmfabric.access.bundle import BUNDLED_FILES, INTERPRETER, build_guest_proxy
+
+SOURCE_ROOT = Path(vmfabric.__file__).parent.parent
+BUNDLED_MODULES = {
+    name.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for name in BUNDLED_FILES
+}
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module an `import` or `from ... import` names (relative ones: the bundle's)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add("vmfabric.access" if node.level else node.module or "")
+    return found
+
+
+def foreign_imports(source: str) -> set[str]:
+    """Imports that are neither the standard library nor a bundled module."""
+    return {
+        module
+        for module in imported_modules(source)
+        if module.split(".")[0] not in sys.stdlib_module_names and module not in BUNDLED_MODULES
+    }
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_guest_proxy(tmp_path_factory.mktemp("dist") / "vmfabric-guest-proxy")
+
+
+def test_the_check_itself_catches_a_third_party_import() -> None:
+    assert foreign_imports("import os\nfrom vmfabric.access import channel\n") == set()
+    assert foreign_imports("import httpx\nfrom vmfabric.store import engine\n") == {
+        "httpx",
+        "vmfabric.store",
+    }
+
+
+@pytest.mark.parametrize("name", BUNDLED_FILES)
+def test_each_bundled_module_imports_only_the_standard_library_and_the_bundle(name: str) -> None:
+    assert foreign_imports((SOURCE_ROOT / name).read_text()) == set()
+
+
+@pytest.mark.parametrize("name", BUNDLED_FILES)
+def test_each_bundled_module_parses_as_python_3_8(name: str) -> None:
+    ast.parse((SOURCE_ROOT / name).read_text(), feature_version=(3, 8))
+
+
+def test_the_zipapp_holds_exactly_the_bundled_modules_and_nothing_foreign(bundle: Path) -> None:
+    assert bundle.read_bytes().startswith(f"#!{INTERPRETER}\n".encode())
+    with zipfile.ZipFile(bundle) as archive:
+        python_files = [name for name in archive.namelist() if name.endswith(".py")]
+        assert sorted(python_files) == sorted([*BUNDLED_FILES, "__main__.py"])
+        for name in python_files:
+            source = archive.read(name).decode()
+            assert foreign_imports(source) == set(), name
+            if name != "__main__.py":
+                assert source == (SOURCE_ROOT / name).read_text(), f"{name} is not the source"
+
+
+def test_the_zipapp_runs_with_the_system_python(bundle: Path) -> None:
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3")
+    shown = subprocess.run(
+        [system_python, "-I", "-S", str(bundle), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert "--unix PATH" in shown.stdout and "--allow PORTS" in shown.stdout
+
+
+def test_the_zipapp_is_executable_and_rejects_bad_options_with_status_2(bundle: Path) -> None:
+    refused = subprocess.run(
+        [str(bundle), "--unix", "/nonexistent/x", "--allow", "80,http"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "not a port or port range: 'http'" in refused.stderr
