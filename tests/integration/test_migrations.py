@@ -14,7 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vmfabric.agent.registry import LocalAgents
-from vmfabric.domain.policy import RECEIVE_KIND, SEND_KIND, VM_RULES_MASK, send_cookie
+from vmfabric.domain.policy import (
+    BASE_KIND,
+    RECEIVE_KIND,
+    SEND_KIND,
+    VM_RULES_MASK,
+    WHERE_KIND,
+    send_cookie,
+)
 from vmfabric.services.context import Controller
 from vmfabric.services.migrations import MigrationEngine, MigrationSettings, list_migrations
 from vmfabric.store import repository
@@ -22,6 +29,7 @@ from vmfabric.vswitch import VswitchError, cookie_of
 from vmfabric.vswitch.memory import MemorySwitch
 
 OLD_PORT, NEW_PORT, PEER_LINK = 5, 9, 77
+KINDS = (SEND_KIND, RECEIVE_KIND, WHERE_KIND)
 POLICY = {
     "name": "web",
     "vms": ["web1"],
@@ -72,10 +80,51 @@ def phase(controller: Controller) -> str:
     return list_migrations(controller, "web1")[0].phase
 
 
+def vlan_of(controller: Controller) -> int:
+    with controller.uow() as uow:
+        return repository.get_vm(uow.session, "web1").nics[0].network.vlan
+
+
+def reads(switch: MemorySwitch, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The bridges whose rules the engine reads from now on, one entry per read."""
+    read: list[str] = []
+    flows = switch.flows
+
+    def counted(bridge: str, cookie: int, mask: int) -> list[str]:
+        read.append(bridge)
+        return flows(bridge, cookie, mask)
+
+    monkeypatch.setattr(switch, "flows", counted)
+    return read
+
+
+def assert_redirected(where: list[str], mac: str, vlan: int) -> None:
+    """The where rules of the source once web1 left: its tagged packets to the peer link as
+    they are, untagged ones tagged, from its neighbour (port 4) only, not from port 6."""
+    assert sorted(r.split(",actions=")[1] for r in where) == [
+        f"mod_vlan_vid:{vlan},output:{PEER_LINK}",
+        f"output:{PEER_LINK}",
+    ]
+    assert all(f"dl_dst={mac}" in r for r in where)
+    (untagged,) = [r for r in where if "vlan_tci=0x0000/0x1fff" in r]
+    assert "in_port=4," in untagged
+
+
 def test_destination_first_moves_send_rules_redirects_then_cleans_up(
-    controller: Controller, switch: MemorySwitch, engine: MigrationEngine, mac: str
+    controller: Controller,
+    switch: MemorySwitch,
+    engine: MigrationEngine,
+    mac: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sent_before = rules(switch, "br-hv1", controller, SEND_KIND)
+    received_before = rules(switch, "br-hv1", controller, RECEIVE_KIND)
+    assert rules(switch, "br-hv1", controller, WHERE_KIND) == [
+        f"cookie={cookie_of(sent_before[0]) | WHERE_KIND << 48:#x},table=2,priority=20000,"
+        f"dl_dst={mac},actions=NORMAL"
+    ]
+    delivery = f"strip_vlan,output:{OLD_PORT}"
+    assert {r.split("actions=")[1] for r in received_before} == {"goto_table:2", "drop", delivery}
     switch.plugged["br-hv2"] = {mac: NEW_PORT}
     engine.port_added("hv2", mac, NEW_PORT)
     assert phase(controller) == "in"
@@ -84,27 +133,28 @@ def test_destination_first_moves_send_rules_redirects_then_cleans_up(
         r.replace(f"in_port={OLD_PORT},", f"in_port={NEW_PORT},") for r in sent_before
     )
     assert any(f"output:{NEW_PORT}" in r for r in rules(switch, "br-hv2", controller, RECEIVE_KIND))
+    assert rules(switch, "br-hv2", controller, WHERE_KIND) == rules(
+        switch, "br-hv1", controller, WHERE_KIND
+    )
     assert rules(switch, "br-hv1", controller, SEND_KIND) == sent_before  # the VM still runs there
 
-    with controller.uow() as uow:
-        vlan = repository.get_vm(uow.session, "web1").nics[0].network.vlan
+    vlan = vlan_of(controller)
     switch.tags["br-hv1"] = {4: vlan, 6: vlan + 1}  # a neighbour, a VM of another VLAN
     del switch.plugged["br-hv1"][mac]
+    read = reads(switch, monkeypatch)
     engine.port_removed("hv1", mac, OLD_PORT)
+    assert read == [], "the send rules were saved when the destination got them"
     assert phase(controller) == "moved"
     assert rules(switch, "br-hv1", controller, SEND_KIND) == []
-    redirected = rules(switch, "br-hv1", controller, RECEIVE_KIND)
-    assert redirected and all(f"output:{PEER_LINK}" in r or "drop" in r for r in redirected)
-    assert any(f"output:{PEER_LINK}" in r and "tp_dst=80" in r for r in redirected)
-    untagged = [r for r in redirected if "vlan_tci=0x0000/0x1fff" in r]
-    assert untagged and all("in_port=4," in r for r in untagged)
+    assert rules(switch, "br-hv1", controller, RECEIVE_KIND) == received_before
+    assert_redirected(rules(switch, "br-hv1", controller, WHERE_KIND), mac, vlan)
     assert list_migrations(controller, "web1")[0].ports[mac] == {"old": OLD_PORT, "new": NEW_PORT}
     assert switch.announced and switch.announced[0][:3] == ("br-hv2", NEW_PORT, mac)
 
     switch.counts["br-hv2"] = {cookie_of(moved[0]): 3}  # the VM sends from hv2
     engine.tick()
     assert phase(controller) == "done"
-    assert rules(switch, "br-hv1", controller, RECEIVE_KIND) == []
+    assert all(rules(switch, "br-hv1", controller, kind) == [] for kind in KINDS)
     assert host_of(controller) == "hv2"
 
 
@@ -112,17 +162,40 @@ def test_source_first_keeps_the_saved_send_rules_for_the_destination(
     controller: Controller, switch: MemorySwitch, engine: MigrationEngine, mac: str
 ) -> None:
     sent_before = rules(switch, "br-hv1", controller, SEND_KIND)
+    received_before = rules(switch, "br-hv1", controller, RECEIVE_KIND)
+    where_before = rules(switch, "br-hv1", controller, WHERE_KIND)
     del switch.plugged["br-hv1"][mac]
     engine.port_removed("hv1", mac, OLD_PORT)
     assert phase(controller) == "out"
     assert rules(switch, "br-hv1", controller, SEND_KIND) == []
+    assert rules(switch, "br-hv1", controller, WHERE_KIND) == where_before  # to where? unknown
     switch.plugged["br-hv2"] = {mac: NEW_PORT}
     engine.port_added("hv2", mac, NEW_PORT)
     moved = rules(switch, "br-hv2", controller, SEND_KIND)
     assert moved == sorted(
         r.replace(f"in_port={OLD_PORT},", f"in_port={NEW_PORT},") for r in sent_before
     )
+    assert rules(switch, "br-hv2", controller, RECEIVE_KIND) == sorted(
+        r.replace(f"output:{OLD_PORT}", f"output:{NEW_PORT}") for r in received_before
+    )
+    assert rules(switch, "br-hv2", controller, WHERE_KIND) == where_before
     assert phase(controller) == "moved"
+
+
+def test_without_a_peer_link_the_source_lets_go_without_redirecting(
+    controller: Controller, switch: MemorySwitch, engine: MigrationEngine, mac: str
+) -> None:
+    received_before = rules(switch, "br-hv1", controller, RECEIVE_KIND)
+    where_before = rules(switch, "br-hv1", controller, WHERE_KIND)
+    switch.peers["br-hv1"] = {}
+    switch.plugged["br-hv2"] = {mac: NEW_PORT}
+    engine.port_added("hv2", mac, NEW_PORT)
+    del switch.plugged["br-hv1"][mac]
+    engine.port_removed("hv1", mac, OLD_PORT)
+    assert phase(controller) == "moved"
+    assert rules(switch, "br-hv1", controller, SEND_KIND) == []
+    assert rules(switch, "br-hv1", controller, WHERE_KIND) == where_before
+    assert rules(switch, "br-hv1", controller, RECEIVE_KIND) == received_before
 
 
 def test_a_destination_port_that_goes_away_rolls_back(
@@ -134,8 +207,7 @@ def test_a_destination_port_that_goes_away_rolls_back(
     del switch.plugged["br-hv2"][mac]
     engine.port_removed("hv2", mac, NEW_PORT)
     assert phase(controller) == "rolled-back"
-    assert rules(switch, "br-hv2", controller, SEND_KIND) == []
-    assert rules(switch, "br-hv2", controller, RECEIVE_KIND) == []
+    assert all(cookie_of(r) >> 48 == BASE_KIND for r in switch.flows("br-hv2", 0, 0))
     assert switch.flows("br-hv1", 0, 0) == before
     assert host_of(controller) == "hv1"
 
@@ -187,8 +259,7 @@ def test_a_restarted_controller_rolls_back_a_move_abandoned_while_it_was_down(
     view = list_migrations(controller, "web1")[0]
     assert view.phase == "rolled-back" and "back on its source" in str(view.detail)
     assert rules(switch, "br-hv1", controller, SEND_KIND) == sent_before
-    assert rules(switch, "br-hv2", controller, SEND_KIND) == []
-    assert rules(switch, "br-hv2", controller, RECEIVE_KIND) == []
+    assert all(rules(switch, "br-hv2", controller, kind) == [] for kind in KINDS)
     assert host_of(controller) == "hv1"
 
 

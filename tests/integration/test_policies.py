@@ -16,7 +16,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmfabric.agent.registry import LocalAgents
-from vmfabric.domain.policy import KIND_MASK, RECEIVE_KIND, SEND_KIND, VM_RULES_MASK, send_cookie
+from vmfabric.domain.policy import (
+    POLICY_KINDS_MASK,
+    SEND_KIND,
+    VM_RULES_MASK,
+    WHERE_KIND,
+    send_cookie,
+    where_cookie,
+)
 from vmfabric.services.context import Controller
 from vmfabric.services.migrations import MigrationEngine, MigrationSettings, list_migrations
 from vmfabric.services.reconcile import reconcile
@@ -72,9 +79,8 @@ def rules_of(switch: MemorySwitch, bridge: str, controller: Controller, name: st
 
 
 def policed(switch: MemorySwitch, bridge: str) -> set[int]:
-    """VM ids with send or receive rules on the bridge."""
-    found = switch.flows(bridge, SEND_KIND << 48, KIND_MASK)
-    found += switch.flows(bridge, RECEIVE_KIND << 48, KIND_MASK)
+    """VM ids with send, receive or where rules on the bridge."""
+    found = switch.flows(bridge, SEND_KIND << 48, POLICY_KINDS_MASK)
     return {cookie_of(rule) & ((1 << 48) - 1) for rule in found}
 
 
@@ -93,6 +99,10 @@ def test_a_policy_attached_to_a_vm_is_compiled_on_its_host_for_its_port(
     rules = rules_of(switch, "br-hv1", controller, "web1")
     send = [r for r in rules if cookie_of(r) >> 48 == SEND_KIND]
     assert send and all("in_port=5" in r for r in send)
+    mac = api.get("/api/v1/vms/web1").json()["nics"][0]["mac"]
+    where = [r for r in rules if cookie_of(r) >> 48 == WHERE_KIND]
+    cookie = where_cookie(vm_id(controller, "web1"))
+    assert where == [f"cookie={cookie:#x},table=2,priority=20000,dl_dst={mac},actions=NORMAL"]
     assert any("tp_dst=80" in r for r in rules)
     peer = api.get("/api/v1/vms/peer1").json()["nics"][0]["ipv4"]
     assert any(f"nw_src={peer}" in r and "icmp" in r for r in rules)
@@ -166,8 +176,12 @@ def test_reconcile_removes_rules_of_vms_without_policy_and_restores_lost_ones(
 ) -> None:
     cloud(api, switch)
     create(api, {**WEB_POLICY, "vms": ["web1"]})
-    stale = f"cookie={send_cookie(vm_id(controller, 'web2')):#x},priority=20000,actions=drop"
-    switch.rules["br-hv1"] = [stale]  # a restarted switch, and a left-over rule
+    web2 = vm_id(controller, "web2")
+    stale = [
+        f"cookie={send_cookie(web2):#x},priority=20000,actions=drop",
+        f"cookie={where_cookie(web2):#x},table=2,priority=20000,actions=NORMAL",
+    ]
+    switch.rules["br-hv1"] = stale  # a restarted switch, and left-over rules
     report = reconcile(controller)
     assert report.policy_rules["hv1"] > 0
     assert policed(switch, "br-hv1") == {vm_id(controller, "web1")}

@@ -38,10 +38,11 @@ from vmfabric.domain.policy import (
     base_flows,
     compile_port,
     receive_cookie,
-    redirect_receive,
+    redirect_where,
     retarget_receive,
     retarget_send,
     send_cookie,
+    where_cookie,
 )
 from vmfabric.hypervisor.lab import LabHypervisor
 from vmfabric.lab.names import host_bridge, host_uplink
@@ -135,9 +136,8 @@ def install(lab: Lab, policy: Policy, peers: Mapping[str, Sequence[str]]) -> Ope
         switch.replace_flows(bridge, BASE_KIND << 48, KIND_MASK, base_flows([link]))
         switch.replace_flows(bridge, send_cookie(VM.vm_id), VM_RULES_MASK, [])
     compiled = compile_port(policy, lab.web, peers)
-    switch.replace_flows(
-        SOURCE, send_cookie(VM.vm_id), VM_RULES_MASK, [*compiled.send, *compiled.receive]
-    )
+    rules = [*compiled.send, *compiled.receive, *compiled.where]
+    switch.replace_flows(SOURCE, send_cookie(VM.vm_id), VM_RULES_MASK, rules)
     return switch
 
 
@@ -279,15 +279,16 @@ def test_a_vm_on_another_vlan_of_the_bridge_cannot_reach_a_policy_vm(lab: Lab) -
 def redirect(
     lab: Lab, switch: OpenVswitch, policy: Policy, peers: Mapping[str, Sequence[str]]
 ) -> None:
-    """`web` left hv1 for hv2: its receive rules there, redirected as read back from hv1."""
+    """`web` left hv1 for hv2: its rules on hv2, and on hv1 its send rules gone and its where
+    rule, as read back from hv1, redirected (its receive rules stay)."""
     moved = compile_port(policy, lab.moved, peers)
-    switch.replace_flows(
-        DESTINATION, send_cookie(VM.vm_id), VM_RULES_MASK, [*moved.send, *moved.receive]
-    )
-    receive = switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT)
-    neighbours = switch.vlan_ports(SOURCE, VLAN)
-    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE], neighbours)
-    switch.replace_flows(SOURCE, send_cookie(VM.vm_id), VM_RULES_MASK, redirected)
+    rules = [*moved.send, *moved.receive, *moved.where]
+    switch.replace_flows(DESTINATION, send_cookie(VM.vm_id), VM_RULES_MASK, rules)
+    where = switch.flows(SOURCE, where_cookie(VM.vm_id), EXACT)
+    ports = switch.redirect_ports(SOURCE)
+    redirected = redirect_where(where, VLAN, ports.peers["hv2"], ports.vlans[VLAN])
+    deletes = [(send_cookie(VM.vm_id), EXACT), (where_cookie(VM.vm_id), EXACT)]
+    switch.change_flows(SOURCE, deletes, redirected)
 
 
 @settings(EXPENSIVE, max_examples=10)
@@ -323,8 +324,10 @@ def test_a_redirected_packet_crosses_the_peer_link_tagged_once(lab: Lab) -> None
 def test_while_redirected_a_port_of_another_vlan_still_cannot_reach_the_vm(lab: Lab) -> None:
     policy = Policy("web", ingress_default=Action.ALLOW)
     switch = install(lab, policy, {})
-    assert switch.vlan_ports(SOURCE, VLAN) == sorted([lab.web.ofport, lab.neighbour])
-    assert switch.vlan_ports(SOURCE, OTHER_VLAN) == [lab.other]
+    ports = switch.redirect_ports(SOURCE)
+    assert ports.vlans[VLAN] == tuple(sorted([lab.web.ofport, lab.neighbour]))
+    assert ports.vlans[OTHER_VLAN] == (lab.other,)
+    assert ports.peers["hv2"] == lab.peer_link[SOURCE]
     redirect(lab, switch, policy, {})
     moved = odp(lab, "hv2", "web")
     assert trace(SOURCE, tcp_to_web(lab, lab.neighbour)).outputs == [(moved, ())]
@@ -347,13 +350,20 @@ def test_rules_read_back_from_the_switch_are_rewritten_and_installed_again(lab: 
     switch.replace_flows(SOURCE, send_cookie(VM.vm_id), EXACT, retarget_send(moved, lab.web.ofport))
     assert switch.flows(SOURCE, send_cookie(VM.vm_id), EXACT) == send
 
-    redirected = redirect_receive(receive, VLAN, lab.peer_link[SOURCE], [lab.neighbour])
-    switch.replace_flows(SOURCE, receive_cookie(VM.vm_id), EXACT, redirected)
-    shown = switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT)
-    assert not [flow for flow in shown if "NORMAL" in flow]
+    where = switch.flows(SOURCE, where_cookie(VM.vm_id), EXACT)
+    assert receive and not [flow for flow in receive if "NORMAL" in flow]
+    assert len(where) == 1 and where[0].endswith("actions=NORMAL")
+
+    redirected = redirect_where(where, VLAN, lab.peer_link[SOURCE], [lab.neighbour])
+    switch.replace_flows(SOURCE, where_cookie(VM.vm_id), EXACT, redirected)
+    shown = switch.flows(SOURCE, where_cookie(VM.vm_id), EXACT)
+    assert len(shown) == 2 and not [flow for flow in shown if "NORMAL" in flow]
     switch.replace_flows(
-        SOURCE, receive_cookie(VM.vm_id), EXACT, retarget_receive(shown, lab.web.ofport)
+        SOURCE, where_cookie(VM.vm_id), EXACT, retarget_receive(shown, lab.web.ofport)
     )
-    assert switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT) == [
-        flow for flow in receive if "reg7" not in flow
-    ]
+    assert switch.flows(SOURCE, where_cookie(VM.vm_id), EXACT) == where
+
+    switch.replace_flows(SOURCE, receive_cookie(VM.vm_id), EXACT, retarget_receive(receive, 99))
+    retargeted = switch.flows(SOURCE, receive_cookie(VM.vm_id), EXACT)
+    assert [flow for flow in retargeted if "output:99" in flow and "reg7=0x1" in flow]
+    assert [f for f in retargeted if "reg7" not in f] == [f for f in receive if "reg7" not in f]

@@ -47,8 +47,8 @@ VLAN = 10
 KIND = QUARANTINE_KIND << 48
 SEND = 0x05E0 << 48
 RECEIVE = 0x05E1 << 48
-ONE_VM = 0xFFFE << 48 | (1 << 48) - 1
-"""With a send cookie, selects both the send and the receive rules of one VM."""
+ONE_VM = 0xFFFC << 48 | (1 << 48) - 1
+"""With a send cookie, selects the send, receive and where rules of one VM."""
 EXACT = (1 << 64) - 1
 OTHER_RULE = "cookie=0x42, priority=5,arp actions=NORMAL"
 DEFAULT_RULE = "priority=0 actions=NORMAL"

@@ -1,7 +1,7 @@
 """Policies: the document and its errors, and what the compiled rules do to packets.
 
 The compiled rules are checked by evaluating them: `Switch` below runs a packet through the
-two tables the way Open vSwitch does (the highest-priority matching rule of a table decides),
+three tables the way Open vSwitch does (the highest-priority matching rule of a table decides),
 on the structured rules; `expected` is the policy's meaning, written straight from the design
 (infrastructure passes, anti-spoofing, first matching rule, default). The lab test
 (`tests/lab/test_policy_switch.py`) holds the real switch to the same meaning, with the
@@ -29,9 +29,11 @@ from vmfabric.domain.policy import (
     MAX_RATE_KBPS,
     MAX_RULES,
     METERS_PER_VM,
+    POLICY_KINDS_MASK,
     RECEIVE_KIND,
     SEND_KIND,
     VM_RULES_MASK,
+    WHERE_KIND,
     Action,
     Direction,
     Flow,
@@ -51,12 +53,14 @@ from vmfabric.domain.policy import (
     port_masks,
     port_meters,
     receive_cookie,
-    redirect_receive,
+    redirect_where,
     retarget_receive,
     retarget_send,
     send_cookie,
     to_document,
     vm_meters,
+    where_cookie,
+    where_rule,
 )
 from vmfabric.vswitch import metered_by
 
@@ -256,11 +260,13 @@ class Switch:
         table = 0
         while True:
             actions = self.decide(table, packet)
-            if not actions.endswith("goto_table:1"):
+            goto = re.search(r"goto_table:(\d+)$", actions)
+            if goto is None:
                 return actions
+            assert int(goto[1]) > table, "a table goes only to a later one"
             if actions.startswith("load:1->NXM_NX_REG7[]"):
                 packet = replace(packet, reg7=1)
-            table = 1
+            table = int(goto[1])
 
     def decide(self, table: int, packet: Packet) -> str:
         """The actions of the highest-priority matching rule; two matching rules of that
@@ -274,7 +280,7 @@ class Switch:
 
 def switch_for(policy: Policy, peers: Mapping[str, Sequence[str]], vm: PortFacts = VM) -> Switch:
     compiled = compile_port_flows(policy, vm, peers)
-    return Switch((*base_pipeline([PEER_LINK]), *compiled.send, *compiled.receive))
+    return Switch((*base_pipeline([PEER_LINK]), *compiled.send, *compiled.receive, *compiled.where))
 
 
 def passes(actions: str) -> bool:
@@ -399,10 +405,19 @@ def headers(start: Packet, kind: str, version: int, vm: PortFacts) -> st.SearchS
 def test_cookies_name_the_kind_and_the_vm() -> None:
     assert send_cookie(5) == 0x05E0_0000_0000_0005
     assert receive_cookie(5) == 0x05E1_0000_0000_0005
+    assert where_cookie(5) == 0x05E2_0000_0000_0005
     assert send_cookie(5) & KIND_MASK == SEND_KIND << 48
-    assert receive_cookie(5) & VM_RULES_MASK == send_cookie(5) & VM_RULES_MASK
+    for cookie in (receive_cookie(5), where_cookie(5)):
+        assert cookie & VM_RULES_MASK == send_cookie(5) & VM_RULES_MASK
     assert send_cookie(6) & VM_RULES_MASK != send_cookie(5) & VM_RULES_MASK
     assert RECEIVE_KIND << 48 & VM_RULES_MASK == SEND_KIND << 48
+    assert WHERE_KIND << 48 & VM_RULES_MASK == SEND_KIND << 48
+    assert VM_RULES_MASK == POLICY_KINDS_MASK | (1 << 48) - 1
+
+
+@pytest.mark.parametrize("kind", [0x0B10, 0x0BA5, 0xFA17, 0x05E4, 0x05DF])
+def test_the_policy_kinds_select_no_other_kind(kind: int) -> None:
+    assert kind << 48 & POLICY_KINDS_MASK != SEND_KIND << 48
 
 
 @pytest.mark.parametrize("vm_id", [0, -1, 1 << 48])
@@ -411,6 +426,8 @@ def test_a_vm_id_must_fit_in_a_cookie(vm_id: int) -> None:
         send_cookie(vm_id)
     with pytest.raises(InvalidInput, match="does not fit"):
         receive_cookie(vm_id)
+    with pytest.raises(InvalidInput, match="does not fit"):
+        where_cookie(vm_id)
 
 
 # Meters ----------------------------------------------------------------------------------
@@ -866,7 +883,7 @@ def test_a_rate_limit_meters_exactly_what_the_send_rules_allow(
     assert [text.replace(metered, "actions=goto_table:1") for text in limited.send] == list(
         unlimited.send
     )
-    assert limited.receive == unlimited.receive
+    assert (limited.receive, limited.where) == (unlimited.receive, unlimited.where)
     assert not [text for text in unlimited.send if "meter" in text]
 
 
@@ -902,15 +919,26 @@ def test_every_symbolic_peer_must_be_resolved() -> None:
 def test_port_facts_that_cannot_be_matched_are_refused(facts: PortFacts, detail: str) -> None:
     with pytest.raises(InvalidInput, match=re.escape(detail)):
         compile_port(Policy("web"), facts, {})
+    with pytest.raises(InvalidInput, match=re.escape(detail)):
+        where_rule(facts)
 
 
-def test_without_a_port_only_the_receive_rules_of_the_mac_are_made() -> None:
+def test_without_a_port_only_the_receive_and_where_rules_of_the_mac_are_made() -> None:
     compiled = compile_port_flows(Policy("web"), replace(VM, ofport=0), {})
     assert compiled.send == ()
-    assert compiled.receive
+    assert compiled.receive and compiled.where
     assert all(
-        ("dl_dst", VM.mac) in f.match and "output" not in f.actions for f in compiled.receive
+        ("dl_dst", VM.mac) in f.match and "output" not in f.actions
+        for f in (*compiled.receive, *compiled.where)
     )
+
+
+@given(any_policies(), resolutions(), st.integers(0, 0xFFFF))
+def test_the_where_rule_is_the_same_for_any_policy_and_port(
+    policy: Policy, peers: dict[str, list[str]], ofport: int
+) -> None:
+    compiled = compile_port(policy, replace(VM, ofport=ofport), peers)
+    assert compiled.where == (where_rule(VM),) == (where_rule(replace(VM, mac=VM.mac.upper())),)
 
 
 # Rendering -------------------------------------------------------------------------------
@@ -946,6 +974,7 @@ def test_a_small_policy_compiles_to_these_texts() -> None:
     compiled = compile_port(policy, replace(VM, ipv6=()), {"set:db": ["10.1.2.3", "2001:db8::3"]})
     send = "cookie=0x5e0000000000005,table=0,priority="
     receive = "cookie=0x5e1000000000005,table=1,priority="
+    where = "cookie=0x5e2000000000005,table=2,priority="
     mac = VM.mac
     assert compiled.send == (
         f"{send}29999,udp,in_port=3,dl_src={mac},tp_src=68,tp_dst=67,actions=goto_table:1",
@@ -962,15 +991,16 @@ def test_a_small_policy_compiles_to_these_texts() -> None:
     )
     assert compiled.receive == (
         f"{receive}31000,reg7=1,dl_vlan=10,dl_dst={mac},actions=strip_vlan,output:3",
-        f"{receive}29999,arp,dl_dst={mac},actions=NORMAL",
-        f"{receive}29999,udp,dl_dst={mac},tp_src=67,tp_dst=68,actions=NORMAL",
-        f"{receive}29999,udp6,dl_dst={mac},tp_src=547,tp_dst=546,actions=NORMAL",
-        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=134,actions=NORMAL",
-        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=135,actions=NORMAL",
-        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=136,actions=NORMAL",
-        f"{receive}29998,tcp,dl_dst={mac},nw_src=10.1.0.0/16,tp_dst=0x1f40/0xffc0,actions=NORMAL",
+        f"{receive}29999,arp,dl_dst={mac},actions=goto_table:2",
+        f"{receive}29999,udp,dl_dst={mac},tp_src=67,tp_dst=68,actions=goto_table:2",
+        f"{receive}29999,udp6,dl_dst={mac},tp_src=547,tp_dst=546,actions=goto_table:2",
+        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=134,actions=goto_table:2",
+        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=135,actions=goto_table:2",
+        f"{receive}29999,icmp6,dl_dst={mac},icmp_type=136,actions=goto_table:2",
+        f"{receive}29998,tcp,dl_dst={mac},nw_src=10.1.0.0/16,tp_dst=0x1f40/0xffc0,actions=goto_table:2",
         f"{receive}20000,dl_dst={mac},actions=drop",
     )
+    assert compiled.where == (f"{where}20000,dl_dst={mac},actions=NORMAL",)
 
 
 def test_the_base_rules_of_a_bridge() -> None:
@@ -981,6 +1011,7 @@ def test_the_base_rules_of_a_bridge() -> None:
         f"{base}0,priority=30000,in_port=9,actions=load:1->NXM_NX_REG7[],goto_table:1",
         f"{base}1,priority=30500,reg7=1,actions=drop",
         f"{base}1,priority=0,actions=NORMAL",
+        f"{base}2,priority=0,actions=NORMAL",
     ]
     assert all(
         int(f.split(",")[0].removeprefix("cookie="), 16) == BASE_KIND << 48 for f in base_flows([])
@@ -995,8 +1026,10 @@ def test_each_text_says_exactly_what_its_structure_does(
     texts = compile_port(policy, VM, peers)
     assert tuple(parse_flow(t) for t in texts.send) == flows.send
     assert tuple(parse_flow(t) for t in texts.receive) == flows.receive
+    assert tuple(parse_flow(t) for t in texts.where) == flows.where
     assert all(f.cookie == send_cookie(VM.vm_id) and f.table == 0 for f in flows.send)
     assert all(f.cookie == receive_cookie(VM.vm_id) and f.table == 1 for f in flows.receive)
+    assert all(f.cookie == where_cookie(VM.vm_id) and f.table == 2 for f in flows.where)
     assert all(("in_port", "3") in f.match for f in flows.send)
     assert all(20000 <= f.priority <= 29999 for f in flows.send)
 
@@ -1048,17 +1081,40 @@ def test_the_port_of_each_send_rule_is_read_back(
     assert {in_port_of(text) for text in data.draw(both_forms(compiled.receive))} == {None}
 
 
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [
+        ("in_port=3,actions=drop", 3),
+        ("cookie=0x1, priority=5,in_port=3 actions=drop", 3),
+        ("cookie=0x1,priority=5,arp,in_port=3,arp_spa=10.0.0.5,actions=drop", 3),
+        ("cookie=0x1,priority=5,xin_port=3,actions=drop", None),
+        ("cookie=0x1,priority=5,in_port=3x,actions=drop", None),
+        ("cookie=0x1,priority=5,arp,actions=load:3->in_port=7", None),
+    ],
+)
+def test_a_field_is_read_only_where_it_starts_and_ends(text: str, port: int | None) -> None:
+    assert in_port_of(text) == port
+    assert retarget_send([text], 9)[0] == (text if port is None else text.replace("=3", "=9", 1))
+
+
 @given(policies(), resolutions(), st.data())
-def test_redirected_receive_rules_come_back_to_normal(
+def test_redirected_where_rules_come_back_to_normal_and_receive_rules_stay(
     policy: Policy, peers: dict[str, list[str]], data: st.DataObject
 ) -> None:
-    receive = data.draw(both_forms(compile_port(policy, VM, peers).receive))
+    compiled = compile_port(policy, VM, peers)
+    receive = data.draw(both_forms(compiled.receive))
+    where = data.draw(both_forms(compiled.where))
     delivery, *kept = receive
     assert re.search(r"actions=(strip|pop)_vlan,output:3$", delivery)
-    redirected = redirect_receive(receive, VM.vlan, PEER_LINK, [NEIGHBOUR_PORT, OTHER_PORT])
-    assert not [text for text in redirected if re.search(r"NORMAL|(strip|pop)_vlan", text)]
-    assert retarget_receive(redirected, 9) == kept
-    assert retarget_receive(receive, 9) == [delivery.replace("output:3", "output:9"), *kept]
+    neighbours = [NEIGHBOUR_PORT, OTHER_PORT]
+    redirected = redirect_where(where, VM.vlan, PEER_LINK, neighbours)
+    assert len(redirected) == 1 + len(neighbours)
+    assert not [text for text in redirected if "NORMAL" in text]
+    assert redirect_where(receive, VM.vlan, PEER_LINK, neighbours) == receive
+    assert retarget_receive(redirected, 9) == where
+    moved = [delivery.replace("output:3", "output:9"), *kept, *where]
+    assert retarget_receive([*receive, *redirected], 9) == moved
+    assert retarget_receive([*receive, *where], 9) == moved
 
 
 @given(
@@ -1066,13 +1122,14 @@ def test_redirected_receive_rules_come_back_to_normal(
     resolutions(),
     st.lists(packets(vlans=[VM.vlan, OTHER_VLAN]), min_size=1, max_size=40),
 )
-def test_redirected_receive_rules_send_what_they_allow_down_the_peer_link_tagged(
+def test_redirected_where_rules_send_what_receive_rules_allow_down_the_peer_link_tagged(
     policy: Policy, peers: dict[str, list[str]], sample: list[Packet]
 ) -> None:
-    receive = compile_port(policy, VM, peers).receive
+    compiled = compile_port(policy, VM, peers)
     neighbours = [NEIGHBOUR_PORT]
-    redirected = [parse_flow(t) for t in redirect_receive(receive, VM.vlan, PEER_LINK, neighbours)]
-    switch = Switch((*base_pipeline([PEER_LINK]), *redirected))
+    redirected = redirect_where(compiled.where, VM.vlan, PEER_LINK, neighbours)
+    rules = [*compiled.receive, *redirected]  # the source's, once the VM left
+    switch = Switch((*base_pipeline([PEER_LINK]), *map(parse_flow, rules)))
     for packet in (p for p in sample if not p.sent):
         actions = switch.run(packet)
         allowed = expected(policy, peers, packet) and packet.vlan in (None, VM.vlan)

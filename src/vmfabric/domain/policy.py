@@ -4,11 +4,13 @@ An operator writes a policy at a high level (`parse_policy`): rules in order, fi
 wins, each allowing or denying one direction of traffic by protocol, ports and peer; a default
 action per direction; anti-spoofing; named sets of VMs. The compiler (`compile_port`) turns a
 policy and the facts of one NIC's switch port into `ovs-ofctl` flow texts, laid out in the
-two tables of `docs/policies.md`: send rules (traffic from the NIC's port) in table 0, receive
-rules (traffic to the NIC's MAC) in table 1, each carrying a cookie that names the VM and the
-kind, so one VM's rules are found, moved and removed as a set. The rewrites at the end
-(`retarget_send`, `redirect_receive`, `retarget_receive`) are the migration method's: they
-work on the texts a switch gives back, as well as on the compiler's own.
+three tables of `docs/policies.md`: send rules (traffic from the NIC's port) in table 0, receive
+rules (traffic to the NIC's MAC) in table 1, and in table 2 the NIC's where rule (where what
+the receive rules allow goes: the switch's forwarding, or the peer link toward the host the VM
+moves to), each carrying a cookie that names the VM and the kind, so one VM's rules are found,
+moved and removed as a set, and its where rules changed alone. The rewrites at the end
+(`retarget_send`, `redirect_where`, `retarget_receive`) are the migration method's: they work
+on the texts a switch gives back, as well as on the compiler's own.
 
 The compiler sees only addresses: the services resolve the symbolic peers a policy names
 (`peer_references`) to CIDR lists first. Policy rules govern IP traffic; address resolution
@@ -36,6 +38,10 @@ SEND_KIND = 0x05E0
 RECEIVE_KIND = 0x05E1
 """Top 16 bits of a receive rule's cookie; the low 48 bits are the VM's id."""
 
+WHERE_KIND = 0x05E2
+"""Top 16 bits of a where rule's cookie; the low 48 bits are the VM's id. A kind of its own,
+so that redirecting a VM that moves out deletes and replaces these few rules alone."""
+
 BASE_KIND = 0x0BA5
 """Top 16 bits of the cookie of a bridge's base rules (the pipeline itself)."""
 
@@ -43,9 +49,12 @@ VM_ID_BITS = 48
 KIND_MASK = 0xFFFF << VM_ID_BITS
 """Cookie mask that selects every rule of one kind on a switch."""
 
-VM_RULES_MASK = 0xFFFE << VM_ID_BITS | (1 << VM_ID_BITS) - 1
-"""With `send_cookie(vm)`, selects that VM's send and receive rules (their kinds differ only
-in the lowest bit)."""
+POLICY_KINDS_MASK = 0xFFFC << VM_ID_BITS
+"""With `send_cookie(vm)`, selects every VM's send, receive and where rules: their kinds
+differ only in the lowest two bits (0x05E3 is no kind)."""
+
+VM_RULES_MASK = POLICY_KINDS_MASK | (1 << VM_ID_BITS) - 1
+"""With `send_cookie(vm)`, selects that VM's send, receive and where rules."""
 
 METERS_PER_VM = 100
 """A VM's meters are `vm_id * 100 + n`, n the NIC's position on the VM (0 for the first): the
@@ -69,6 +78,7 @@ drops every full-size frame."""
 
 SEND_TABLE = 0
 RECEIVE_TABLE = 1
+WHERE_TABLE = 2
 
 DELIVERY_PRIORITY = 31000
 """Table 1: a packet redirected by another host, to a local NIC."""
@@ -84,8 +94,10 @@ DEFAULT_PRIORITY = 20001
 """Table 0 with anti-spoofing: the default egress action for the NIC's own addresses."""
 LAST_PRIORITY = 20000
 """The rule that decides whatever nothing above matched: the default, or the spoof drop."""
+WHERE_PRIORITY = 20000
+"""Table 2: a NIC's where rule (or, while its VM moves out, the rules that redirect it)."""
 BASE_PRIORITY = 0
-"""Both tables: the base rule (table 0 to table 1, table 1 `NORMAL`)."""
+"""Every table: the base rule (table 0 to table 1, tables 1 and 2 `NORMAL`)."""
 
 MAX_RULES = FIRST_RULE_PRIORITY - DEFAULT_PRIORITY
 """Rules a policy may have per direction: the priorities between the fixed rules."""
@@ -94,6 +106,7 @@ ANY_PEER = "any"
 MAX_PORT = 0xFFFF
 MAX_VLAN = 4094
 GOTO_RECEIVE = f"goto_table:{RECEIVE_TABLE}"
+GOTO_WHERE = f"goto_table:{WHERE_TABLE}"
 DROP = "drop"
 NORMAL = "NORMAL"
 UNTAGGED = "vlan_tci=0x0000/0x1fff"
@@ -180,6 +193,11 @@ def send_cookie(vm_id: int) -> int:
 def receive_cookie(vm_id: int) -> int:
     """The cookie of a VM's receive rules."""
     return _cookie(RECEIVE_KIND, vm_id)
+
+
+def where_cookie(vm_id: int) -> int:
+    """The cookie of a VM's where rules."""
+    return _cookie(WHERE_KIND, vm_id)
 
 
 def _cookie(kind: int, vm_id: int) -> int:
@@ -608,18 +626,22 @@ class Flow:
 
 @dataclass(frozen=True)
 class PortFlows:
-    """A NIC's send rules (table 0) and receive rules (table 1), as structures."""
+    """A NIC's send rules (table 0), receive rules (table 1) and where rule (table 2), as
+    structures."""
 
     send: tuple[Flow, ...]
     receive: tuple[Flow, ...]
+    where: tuple[Flow, ...]
 
 
 @dataclass(frozen=True)
 class PortRules:
-    """A NIC's send rules (table 0) and receive rules (table 1), as flow texts."""
+    """A NIC's send rules (table 0), receive rules (table 1) and where rule (table 2), as flow
+    texts."""
 
     send: tuple[str, ...]
     receive: tuple[str, ...]
+    where: tuple[str, ...]
 
 
 def compile_port(policy: Policy, port: PortFacts, peers: Mapping[str, Sequence[str]]) -> PortRules:
@@ -632,6 +654,7 @@ def compile_port(policy: Policy, port: PortFacts, peers: Mapping[str, Sequence[s
     return PortRules(
         send=tuple(flow.text() for flow in flows.send),
         receive=tuple(flow.text() for flow in flows.receive),
+        where=tuple(flow.text() for flow in flows.where),
     )
 
 
@@ -644,10 +667,11 @@ def compile_port_flows(
     egress rules, then the default; with a rate limit, what they allow passes the NIC's
     meter first (`port_meters`), and what they drop counts nothing against the rate.
     Receive rules match its MAC, wherever the packet comes from: the delivery of packets
-    another host redirected here, the infrastructure, the ingress rules, then the default.
-    A rule's place in the policy gives its priority; a rule whose peer stands for no address
-    now is left out. Without a port yet (ofport 0) there is nothing to match or deliver to:
-    only the receive rules of the MAC are made.
+    another host redirected here, the infrastructure, the ingress rules, then the default;
+    what they allow goes on to the where rule (`where_rule`). A rule's place in the policy
+    gives its priority; a rule whose peer stands for no address now is left out. Without a
+    port yet (ofport 0) there is nothing to match or deliver to: only the receive and where
+    rules of the MAC are made.
 
     Raises InvalidInput for facts that cannot be matched (a bad MAC, address or VLAN), a
     symbolic peer missing from `peers`, more rules than the priority range holds, or a rate
@@ -661,7 +685,25 @@ def compile_port_flows(
     return PortFlows(
         send=_send_flows(policy, nic, send, resolved) if nic.ofport else (),
         receive=_receive_flows(policy, nic, receive, resolved),
+        where=(_where(nic),),
     )
+
+
+def where_rule(port: PortFacts) -> str:
+    """A NIC's where rule in `ovs-ofctl` syntax: what its receive rules allow goes to the
+    switch's `NORMAL` forwarding, which delivers it to the NIC's port and keeps VLANs apart
+    (an explicit output would not, for a sender on another VLAN of the same bridge).
+
+    It depends only on the NIC's VM and MAC, not on the policy or the port: the migration
+    method makes it anew to redirect it (`redirect_where`), without reading the switch.
+    Raises InvalidInput as `compile_port` does for facts that cannot be matched.
+    """
+    return _where(_checked(port)).text()
+
+
+def _where(nic: PortFacts) -> Flow:
+    match = (("dl_dst", nic.mac),)
+    return Flow(where_cookie(nic.vm_id), WHERE_TABLE, WHERE_PRIORITY, "", match, NORMAL)
 
 
 _Fields = tuple[tuple[str, str], ...]
@@ -750,7 +792,7 @@ class _Side:
             cookie=receive_cookie(nic.vm_id),
             head=(("dl_dst", nic.mac),),
             peer_field={family.version: family.source for family in _FAMILIES},
-            allow=NORMAL,
+            allow=GOTO_WHERE,
             own=_ANYONE,
         )
 
@@ -999,8 +1041,10 @@ def port_masks(low: int, high: int) -> tuple[tuple[int, int], ...]:
 
 
 def base_pipeline(peer_ports: Iterable[int]) -> tuple[Flow, ...]:
-    """The rules of a bridge that make the two tables one pipeline, and make a packet from a
-    peer link reach only the NIC it was redirected to."""
+    """The rules of a bridge that make the three tables one pipeline, and make a packet from
+    a peer link reach only the NIC it was redirected to. What a where rule does not take (a
+    packet of another VLAN while the VM is redirected) goes to `NORMAL`, as everything does
+    that no VM's policy concerns."""
     cookie = BASE_KIND << VM_ID_BITS
     ports = sorted(set(peer_ports))
     if any(port <= 0 for port in ports):
@@ -1011,6 +1055,7 @@ def base_pipeline(peer_ports: Iterable[int]) -> tuple[Flow, ...]:
         *(Flow(cookie, SEND_TABLE, PEER_PRIORITY, "", (("in_port", str(p)),), mark) for p in ports),
         Flow(cookie, RECEIVE_TABLE, PEER_DROP_PRIORITY, "", (("reg7", "1"),), DROP),
         Flow(cookie, RECEIVE_TABLE, BASE_PRIORITY, "", (), NORMAL),
+        Flow(cookie, WHERE_TABLE, BASE_PRIORITY, "", (), NORMAL),
     )
 
 
@@ -1021,9 +1066,13 @@ def base_flows(peer_ports: Iterable[int]) -> list[str]:
 
 # Rewrites of the migration method --------------------------------------------------------
 
-_ACTIONS_AT = re.compile(r"(?:^|[,\s])actions=")
-_IN_PORT = re.compile(r"(^|[,\s])in_port=(\d+)(?=[,\s]|$)")
-_DELIVERY = re.compile(r"(^|[,\s])reg7=(?:1|0x1)(?=[,\s]|$)")
+# A field starts the text or follows a comma or a blank. Each pattern starts with its
+# field's name, so that a search skips to it as fast as a plain find (a migration rewrites
+# thousands of rules while the VM waits), and the lookbehind after the name checks that it
+# starts a field.
+_ACTIONS_AT = re.compile(r"actions=(?<![^,\s]actions=)")
+_IN_PORT = re.compile(r"in_port=(?<![^,\s]in_port=)(\d+)(?=[,\s]|$)")
+_DELIVERY = re.compile(r"reg7=(?<![^,\s]reg7=)(?:1|0x1)(?=[,\s]|$)")
 _REDIRECT_FIELDS = re.compile(
     r"[,\s]*\b(?:dl_vlan=\d+|vlan_tci=0x0+(?:/0x1fff)?|in_port=\d+)(?=[,\s]|$)"
 )
@@ -1037,7 +1086,7 @@ def retarget_send(flows: Iterable[str], new_port: int) -> list[str]:
     """Send rules moved to another port of a VM (its port on the destination host): each
     `in_port` becomes `new_port`, nothing else changes."""
     return [
-        _IN_PORT.sub(rf"\g<1>in_port={new_port}", match) + actions
+        _IN_PORT.sub(f"in_port={new_port}", match) + actions
         for match, actions in map(_split, flows)
     ]
 
@@ -1047,28 +1096,28 @@ def in_port_of(flow: str) -> int | None:
     of the same VM: dump-flows prints the field anywhere in the match, followed by a comma
     or by the space before `actions=`."""
     found = _IN_PORT.search(_split(flow)[0])
-    return None if found is None else int(found[2])
+    return None if found is None else int(found[1])
 
 
-def redirect_receive(
+def redirect_where(
     flows: Iterable[str], vlan: int, peer_port: int, neighbours: Iterable[int]
 ) -> list[str]:
-    """Receive rules of a VM that left, so what they allow reaches it through the peer link
-    `peer_port` toward its new host, tagged with its VLAN; drop rules stay, the delivery
-    rule goes (its port is gone).
+    """Where rules of a VM that left, so what its receive rules allow reaches it through the
+    peer link `peer_port` toward its new host, tagged with its VLAN; every other rule (its
+    receive rules, which end in `goto_table:2`, `drop` or the delivery's output) passes
+    untouched: the receive rules still decide, only where their packets go changes.
 
-    Each allowed rule becomes several: a packet tagged with the VLAN (from a trunk) goes out
+    Each where rule becomes several: a packet tagged with the VLAN (from a trunk) goes out
     as it is; an untagged one gets the tag pushed, but only from `neighbours`, the local
     ports on the VM's VLAN: an untagged packet carries no VLAN to match, and one from a port
     of another VLAN must not be let into the VM's. A single `mod_vlan_vid` would not do:
     given to the switch as OpenFlow 1.1+ (a bundle) it becomes an unconditional push, which
-    would tag a tagged packet twice. A packet tagged with another VLAN matches none.
+    would tag a tagged packet twice. A packet tagged with another VLAN matches none (the
+    base rule gives it to `NORMAL`, which keeps VLANs apart).
     """
     ports = sorted(set(neighbours))
     redirected = []
     for match, actions in map(_split, flows):
-        if _DELIVERY.search(match):
-            continue
         if actions != NORMAL:
             redirected.append(match + actions)
             continue
@@ -1082,8 +1131,9 @@ def redirect_receive(
 
 
 def retarget_receive(flows: Iterable[str], new_port: int) -> list[str]:
-    """Receive rules of a VM back on a port of this host: the delivery rule outputs to
-    `new_port`, and rules that `redirect_receive` redirected end in `NORMAL` again."""
+    """Receive and where rules of a VM back on a port of this host: the delivery rule outputs
+    to `new_port`, where rules that `redirect_where` redirected end in `NORMAL` again, and
+    the other receive rules stay as they are."""
     restored: dict[str, None] = {}
     for match, actions in map(_split, flows):
         if _DELIVERY.search(match):

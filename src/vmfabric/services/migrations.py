@@ -5,14 +5,17 @@ hypervisor on its own):
 
 1. The VM's port appears on another host's bridge (libvirt creates the destination port
    before the source one goes): its new port is recorded, and the destination gets the VM's
-   send rules — read from the source switch (or the ones saved there) and rewritten for the
-   new port — and its receive rules, in one atomic change. Receive rules match the VM's MAC,
-   so an asked-for migration installs them on the destination at once, before the port.
-2. The VM's port leaves the source: the old port is recorded, the send rules are read and
-   saved (in the store), and one atomic change on the source deletes them and rewrites the
-   receive rules to send what they allow to the peer link toward the destination: packets
-   still in flight to the old host reach the VM. The VM is announced from its new port, so
-   learning switches (and so the other hosts' traffic) find it there.
+   rules as the source holds them — send rules rewritten for the new port (the ones saved
+   at step 2 once the source let go), receive and where rules with their delivery pointed
+   at it — in one atomic change; the send rules read are saved (in the store) for step 2.
+   Receive rules match the VM's MAC, so an asked-for migration installs them on the
+   destination at once, before the port.
+2. The VM's port leaves the source: the old port is recorded, and one atomic change on the
+   source deletes the send rules (saved at step 1, else read and saved now) and replaces
+   the VM's where rules, a handful, by rules that send what the receive rules allow to the
+   peer link toward the destination: packets still in flight to the old host reach the VM.
+   The receive rules stay as they are. The VM is announced from its new port, so learning
+   switches (and so the other hosts' traffic) find it there.
 3. Once traffic flows at the destination (its send rules count packets), or after a grace
    time, the source's leftovers are removed and the VM's host is the destination.
 4. A move that does not complete (the destination port does not appear in time, the VM
@@ -42,12 +45,13 @@ from vmfabric.domain.policy import (
     VM_RULES_MASK,
     compile_port,
     in_port_of,
-    receive_cookie,
-    redirect_receive,
+    redirect_where,
     retarget_receive,
     retarget_send,
     send_cookie,
     vm_meters,
+    where_cookie,
+    where_rule,
 )
 from vmfabric.hypervisor import HypervisorError
 from vmfabric.services.context import Controller, HostRef
@@ -270,14 +274,18 @@ class MigrationEngine:
 
     def _install_destination(self, move: _Move) -> None:
         """The VM's rules as the source holds them, moved to the new ports, on the destination
-        in one change: the send rules (saved at the take-off, or read now) rewritten for the
-        new ports, the receive rules with their delivery pointed at them. Compiled instead
-        when the source has none to give (its receive rules are redirected once it let go)."""
+        in one change: the send rules rewritten for the new ports, the receive and where rules
+        with their delivery pointed at them (and a redirected where rule back to `NORMAL`).
+        The send rules read are saved, so the take-off need not read them again; once the
+        source let go of them, the saved ones are taken. Compiled instead when the source has
+        none to give."""
         assert move.destination is not None
         new_ports = {mac: int(p["new"] or 0) for mac, p in move.ports.items()}
-        held = [] if move.saved else self._read(move.source, send_cookie(move.vm_id), VM_RULES_MASK)
-        send = move.saved or [r for r in held if cookie_of(r) == send_cookie(move.vm_id)]
-        receive = [r for r in held if cookie_of(r) == receive_cookie(move.vm_id)]
+        send, receive = self._held(move)
+        if send:
+            self._save(move.id, send)
+        else:
+            send = move.saved
         rules = (
             self._retargeted_send(move, send, new_ports)
             if send
@@ -289,6 +297,15 @@ class MigrationEngine:
             else self._compiled(move, new_ports, send=False)
         )
         self._install(move.destination, move, rules)
+
+    def _held(self, move: _Move) -> tuple[list[str], list[str]]:
+        """The VM's send rules on the source, and its other rules there (receive, where)."""
+        send: list[str] = []
+        other: list[str] = []
+        cookie = send_cookie(move.vm_id)
+        for rule in self._read(move.source, cookie, VM_RULES_MASK):
+            (send if cookie_of(rule) == cookie else other).append(rule)
+        return send, other
 
     def _install(self, host: HostRef, move: _Move, rules: list[str]) -> None:
         """Make `rules` the VM's only rules on `host`, with the base rules they need, in one
@@ -320,7 +337,8 @@ class MigrationEngine:
     def _retargeted_receive(
         self, move: _Move, rules: list[str], new_ports: Mapping[str, int]
     ) -> list[str]:
-        """Receive rules of the source whose delivery outputs to each NIC's new port."""
+        """Receive and where rules of the source, each NIC's (by its MAC) delivering to its
+        new port."""
         retargeted: list[str] = []
         for nic in move.nics:
             mine = [r for r in rules if f"dl_dst={nic.mac}" in r]
@@ -328,23 +346,38 @@ class MigrationEngine:
         return retargeted
 
     def _take_off_source(self, move: _Move) -> None:
-        """Save the send rules, then one change on the source: delete them and redirect
-        what the receive rules allow to the peer link toward the destination."""
+        """One change on the source: the send rules go, and the where rules are replaced by
+        ones sending what the receive rules allow to the peer link toward the destination;
+        the receive rules stay. The destination saved the send rules when it got them;
+        read and saved here when the source port goes first."""
+        if move.phase == STARTED:
+            self._save(move.id, self._read(move.source, send_cookie(move.vm_id)))
+        deletes = [(send_cookie(move.vm_id), EXACT)]
+        redirected = self._redirected_where(move)
+        if redirected:
+            deletes.append((where_cookie(move.vm_id), EXACT))
         switch = self._switch(move.source)
-        bridge = move.source.bridge
-        rules = self._read(move.source, send_cookie(move.vm_id), VM_RULES_MASK)
-        saved = [r for r in rules if cookie_of(r) == send_cookie(move.vm_id)]
-        receive = [r for r in rules if cookie_of(r) == receive_cookie(move.vm_id)]
-        self._save(move.id, saved)
-        redirected: list[str] = []
-        peer = self._peer_port(move)
-        if peer is not None:
-            for nic in move.nics:
-                mine = [r for r in receive if f"dl_dst={nic.mac}" in r]
-                neighbours = switch.vlan_ports(bridge, nic.vlan)
-                redirected += redirect_receive(mine, nic.vlan, peer, neighbours)
-        cookies = [(send_cookie(move.vm_id), EXACT), (receive_cookie(move.vm_id), EXACT)]
-        switch.change_flows(bridge, cookies, redirected)
+        switch.change_flows(move.source.bridge, deletes, redirected)
+
+    def _redirected_where(self, move: _Move) -> list[str]:
+        """The where rules of the VM's NICs with a policy, made anew and redirected to the
+        peer link toward the destination. None when redirection is off, the destination is
+        not known yet (the source port went first) or there is no link to it: the where
+        rules then stay (`NORMAL`), and the destination reads them as they are."""
+        if not self.settings.redirect or move.destination is None:
+            return []
+        ports = self._switch(move.source).redirect_ports(move.source.bridge)
+        peer = ports.peers.get(move.destination.name)
+        if peer is None:
+            return []
+        return [
+            rule
+            for nic in move.nics
+            if nic.policy is not None
+            for rule in redirect_where(
+                [where_rule(port_facts(nic, 0))], nic.vlan, peer, ports.vlans.get(nic.vlan, ())
+            )
+        ]
 
     def _announce(self, move: _Move) -> None:
         """Tell the learning switches where the VM is now, as QEMU does after a move."""
@@ -409,11 +442,6 @@ class MigrationEngine:
         ports = self._switch(host).ports(host.bridge)
         return {nic.mac: ports[nic.mac] for nic in nics if nic.mac in ports}
 
-    def _peer_port(self, move: _Move) -> int | None:
-        if not self.settings.redirect or move.destination is None:
-            return None
-        return self._switch(move.source).peer_ports(move.source.bridge).get(move.destination.name)
-
     def _traffic_flows(self, move: _Move) -> bool:
         assert move.destination is not None
         switch = self._switch(move.destination)
@@ -427,7 +455,8 @@ class MigrationEngine:
         return (utcnow() - move.started_at).total_seconds()
 
     def _compiled(self, move: _Move, ofports: Mapping[str, int], *, send: bool) -> list[str]:
-        """The VM's send or receive rules compiled from its policies for these ports."""
+        """The VM's send rules, or its receive and where rules, compiled from its policies for
+        these ports."""
         with self.ctl.uow() as uow:
             policies = stored_policies(uow.session)
             peers = resolve_peers(uow.session, policies)
@@ -438,7 +467,7 @@ class MigrationEngine:
             compiled = compile_port(
                 policies[nic.policy], port_facts(nic, ofports[nic.mac]), peers[nic.policy]
             )
-            rules += compiled.send if send else compiled.receive
+            rules += compiled.send if send else [*compiled.receive, *compiled.where]
         return rules
 
     # The record --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from vmfabric.domain.names import check_name
 from vmfabric.domain.policy import (
     BASE_KIND,
     KIND_MASK,
-    RECEIVE_KIND,
+    POLICY_KINDS_MASK,
     SEND_KIND,
     VM_RULES_MASK,
     Policy,
@@ -269,7 +269,7 @@ def forget_rules(ctl: Controller, host: HostRef, vm_id: int) -> None:
 def base_change(
     switch: Vswitch, host: HostRef, policies: bool
 ) -> tuple[list[tuple[int, int]], list[str]]:
-    """The delete and the adds that put a host's base rules (the two tables, the peer links)
+    """The delete and the adds that put a host's base rules (the three tables, the peer links)
     in place: while any policy exists, on every host, so a VM that moves or starts anywhere
     finds them; none otherwise, leaving the switch's plain forwarding."""
     adds = base_flows(switch.peer_ports(host.bridge).values()) if policies else []
@@ -323,7 +323,7 @@ def _apply_host(switch: Vswitch, host: HostRef, plan: _Plan) -> int:
         policy = plan.policies[nic.policy]
         facts = port_facts(nic, ofport)
         compiled = compile_port(policy, facts, plan.peers[nic.policy])
-        adds += [*compiled.send, *compiled.receive]
+        adds += [*compiled.send, *compiled.receive, *compiled.where]
         meters += port_meters(policy, facts)
     owned = [vm_meters(vm_id) for vm_id in sorted(vm_ids)]
     switch.change_flows(host.bridge, deletes, adds, meters, owned)
@@ -331,12 +331,10 @@ def _apply_host(switch: Vswitch, host: HostRef, plan: _Plan) -> int:
 
 
 def _vm_ids_with_rules(switch: Vswitch, bridge: str) -> set[int]:
-    """The VMs that have send or receive rules or meters on a switch now, by their cookies
-    and meter ids."""
-    found: set[int] = set()
-    for kind in (SEND_KIND, RECEIVE_KIND):
-        for flow in switch.flows(bridge, kind << _COOKIE_BITS, KIND_MASK):
-            found.add(cookie_of(flow) & ((1 << _COOKIE_BITS) - 1))
+    """The VMs that have policy rules (of any kind, read at once) or meters on a switch now,
+    by their cookies and meter ids."""
+    flows = switch.flows(bridge, SEND_KIND << _COOKIE_BITS, POLICY_KINDS_MASK)
+    found = {cookie_of(flow) & ((1 << _COOKIE_BITS) - 1) for flow in flows}
     owners = (meter_vm(meter_id_of(meter)) for meter in switch.meters(bridge))
     return found | {vm_id for vm_id in owners if vm_id is not None}
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmfabric.vswitch import MeterChange, VswitchError, cookie_of, meter_id_of, metered_by
+from vmfabric.vswitch import (
+    MeterChange,
+    RedirectPorts,
+    VswitchError,
+    cookie_of,
+    meter_id_of,
+    metered_by,
+)
 
 
 @dataclass
@@ -82,9 +89,9 @@ class MemorySwitch:
         """Other host -> port of the peer link to it."""
         return dict(self.peers.get(bridge, {}))
 
-    def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
-        """Ports of `bridge` tagged `vlan`."""
-        return sorted(port for port, tag in self.tags.get(bridge, {}).items() if tag == vlan)
+    def redirect_ports(self, bridge: str) -> RedirectPorts:
+        """The peer links, and the tagged ports by VLAN."""
+        return RedirectPorts.of(self.peer_ports(bridge), self.tags.get(bridge, {}).items())
 
     def announce(self, bridge: str, ofport: int, mac: str, ipv4: str) -> None:
         """Remembered, for the test to see."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from vmfabric.domain.names import normalize_mac
 from vmfabric.lab.ovs import switch_access
-from vmfabric.vswitch import MeterChange, VswitchError, meter_id_of
+from vmfabric.vswitch import MeterChange, RedirectPorts, VswitchError, meter_id_of
 
 TIMEOUT = 60.0
 """Seconds any one tool may take; 20,000 rules take well under one."""
@@ -52,7 +52,9 @@ OPENFLOW = "OpenFlow14"
 
 _COOKIE_BITS = 64
 _METER_START = re.compile(r"^(?=meter=)", re.M)
-_ACTIONS = re.compile(r"\bactions?=")
+_ACTIONS = re.compile(r"action(?<!\waction)s?=")
+"""`action=` or `actions=` as a word; `action` first, so that a search skips to it as fast as a
+plain find (a change checks each of its thousands of rules)."""
 _COOKIE = re.compile(r"(?:^|[,\s])cookie=(0x[0-9a-fA-F]+|[1-9][0-9]*|0)(?=[,\s]|$)")
 _PACKET_COUNT = re.compile(r"\bpacket_count=(\d+)")
 _BROADCAST = b"\xff" * 6
@@ -88,14 +90,14 @@ class OpenVswitch:
         The operator (or the lab) marks the link to each other host, whatever its kind (patch
         port, tunnel); one tool run whatever the number of ports.
         """
-        return {
-            i.marks[PEER_MARK]: i.ofport for i in self._interfaces(bridge) if PEER_MARK in i.marks
-        }
+        return _peers(self._interfaces(bridge))
 
-    def vlan_ports(self, bridge: str, vlan: int) -> list[int]:
-        """Ports whose `tag` is `vlan` (access ports), by their interfaces' numbers, read in
-        one tool run whatever the number of ports."""
-        return sorted(i.ofport for i in self._interfaces(bridge) if i.tag == vlan)
+    def redirect_ports(self, bridge: str) -> RedirectPorts:
+        """The peer links (`peer_ports`) and, by VLAN, the interfaces of the ports whose `tag`
+        it is (access ports), from the same single tool run."""
+        interfaces = self._interfaces(bridge)
+        tagged = ((i.ofport, i.tag) for i in interfaces if i.tag is not None)
+        return RedirectPorts.of(_peers(interfaces), tagged)
 
     def interface_bridges(self) -> dict[str, str]:
         """Interface row UUID -> name of the bridge holding it, read in one transaction.
@@ -313,6 +315,11 @@ class _Interface:
     ofport: int
     marks: dict[str, str]
     tag: int | None
+
+
+def _peers(interfaces: Sequence[_Interface]) -> dict[str, int]:
+    """Other host -> port of the interfaces marked as peer links to it."""
+    return {i.marks[PEER_MARK]: i.ofport for i in interfaces if PEER_MARK in i.marks}
 
 
 def _attached_port(ofport: int, marks: Mapping[str, str]) -> tuple[str, int] | None:
