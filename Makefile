@@ -3,7 +3,7 @@
 
 APT_PACKAGES := openvswitch-switch dnsmasq-base qemu-guest-agent busybox iproute2 ethtool \
 	libvirt-dev pkg-config bind9-dnsutils socat procps python3-dev gcc postgresql bind9 dnsperf \
-	iputils-ping
+	iputils-ping openssh-server openssh-client
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 
 .PHONY: install apt uv sync demo test lint unit lab bench down

@@ -15,7 +15,7 @@ import typer
 
 from vmfabric.cli.demo import run_demo
 from vmfabric.cli.output import JsonFlag, cli_errors, console, emit_json, fail, steps, table
-from vmfabric.lab import faults, lifecycle, migration
+from vmfabric.lab import faults, lifecycle, migration, services
 from vmfabric.lab.errors import LabError, LabInputError
 
 app = typer.Typer(
@@ -119,7 +119,7 @@ def fault(
     kind: Annotated[
         str,
         typer.Argument(
-            help="gateway-down, external-down, agent-stop, agent-hang or nic-down.",
+            help="gateway-down, external-down, agent-stop, agent-hang, nic-down or access-down.",
             show_default=False,
         ),
     ],
@@ -179,7 +179,12 @@ def migrate(
 
 @app.command()
 def demo(as_json: JsonFlag = False) -> None:
-    """Show IP presetting end to end: VMs on two hosts get exactly their preset IPs by DHCP."""
+    """Show IP presetting end to end: VMs on two hosts get exactly their preset IPs by DHCP.
+
+    Its VMs also serve a web page and sshd on their loopback (unless `VMFABRIC_LAB_SERVICES`
+    says otherwise), for the access path.
+    """
+    os.environ.setdefault(services.SERVICES_ENV, ",".join(services.OPTIONAL))
     with steps(not as_json) as step, cli_errors():
         outcomes = _guarded(lambda: run_demo(step))
     if as_json:
@@ -209,6 +214,9 @@ def _show_status(result: dict[str, Any]) -> None:
         f"lab {state} ({result['state_dir']}); hosts: {hosts}; "
         f"peer links: {len(result['peer_links'])}"
     )
+    if result["services"]:
+        key = f"; ssh -i {result['lab_key']}" if result["lab_key"] else ""
+        console.print(f"VMs serve on their loopback: {', '.join(result['services'])}{key}")
     vms = [
         (
             vm["name"],

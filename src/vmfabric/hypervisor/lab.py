@@ -1,8 +1,9 @@
 """The lab hypervisor: VMs are network namespaces on this machine (see `vmfabric.lab.vm`).
 
 Each VM gets a namespace, veth NICs on its host's bridge (`vmf-hv1`, ...), a real qemu-ga on a
-unix socket and, while running, a real DHCP client per NIC. Everything is recorded in the lab's
-record, so `vmfabric lab down` removes it even when the controller died.
+unix socket and, while running, a real DHCP client per NIC and the access channel's guest proxy
+on a unix socket (`vmfabric.lab.services`). Everything is recorded in the lab's record, so
+`vmfabric lab down` removes it even when the controller died.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from vmfabric.hypervisor import HypervisorError
 from vmfabric.lab import migration
 from vmfabric.lab.errors import LabError
 from vmfabric.lab.names import check_label
+from vmfabric.lab.services import vm_access_socket
 from vmfabric.lab.state import LabStore, Record, VmRecord
 from vmfabric.lab.vm import (
     define_vm,
@@ -93,6 +95,15 @@ class LabHypervisor:
         if vm is None or not vm.defined:
             return None
         return str(vm_agent_socket(vm))
+
+    def access_socket(self, name: str) -> str | None:
+        """The guest proxy's socket of a defined VM of this host, where the host gateway
+        connects (in the VM's directory, like the agent's; it exists while the VM runs)."""
+        with _failing_as(f"cannot find the guest proxy of VM {name} on {self.host}"):
+            vm = find_vm(self._store.read(), self.host, name)
+        if vm is None or not vm.defined:
+            return None
+        return str(vm_access_socket(vm))
 
     def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
         """Move the VM's NICs to `to_host`'s bridge as libvirt would (`vmfabric.lab.migration`):

@@ -11,6 +11,8 @@ Each kind breaks one thing the way it breaks in a cloud, for that VM only:
 - `agent-hang`: qemu-ga is stopped and a listener on its socket accepts connections and never
   answers, as an agent stuck inside a guest does.
 - `nic-down`: the VM's NICs are set down inside its namespace.
+- `access-down`: the VM's guest proxy (`vmfabric.lab.services`) is stopped: the access channel's
+  socket is gone, as when the proxy died inside a guest. Heal starts it again (in a running VM).
 
 Rules carry a cookie whose top 16 bits are `FAULT_COOKIE_KIND`, so they are found and removed
 by cookie and never mixed up with the quarantine rules (0x0B10). They sit at `FAULT_PRIORITY`,
@@ -35,6 +37,7 @@ from vmfabric.lab.errors import LabInputError
 from vmfabric.lab.names import ROUTER_LAN_IF, WAN_ADDRESS, short_id
 from vmfabric.lab.netns import link_mac, set_link
 from vmfabric.lab.plumbing import require_lab
+from vmfabric.lab.services import ACCESS, ACCESS_FAULT, start_service, stop_service
 from vmfabric.lab.state import (
     FaultRecord,
     FlowRecord,
@@ -82,6 +85,7 @@ class FaultKind(StrEnum):
     AGENT_STOP = "agent-stop"
     AGENT_HANG = "agent-hang"
     NIC_DOWN = "nic-down"
+    ACCESS_DOWN = ACCESS_FAULT
 
 
 AGENT_KINDS = frozenset({FaultKind.AGENT_STOP, FaultKind.AGENT_HANG})
@@ -192,15 +196,20 @@ def _make(record: Record, vm: VmRecord, fault: FaultRecord) -> None:
         _stop_agent(record, vm)
     if fault.kind == FaultKind.AGENT_HANG:
         _ensure_hang_listener(record, vm)
+    if fault.kind == FaultKind.ACCESS_DOWN:
+        stop_service(record, vm, ACCESS)
 
 
 def _restore(record: Record, vm: VmRecord, fault: FaultRecord) -> None:
     """Give back what the fault took inside the VM (its rules and processes are gone).
 
-    The links of a stopped VM stay down, as `stop` leaves them; `start` brings them up.
+    The links and the guest proxy of a stopped VM stay down, as `stop` leaves them; `start`
+    brings them up.
     """
     if fault.kind in AGENT_KINDS:
         start_agent(record, vm)
+    if fault.kind == FaultKind.ACCESS_DOWN and vm.running:
+        start_service(record, vm, ACCESS)
     if fault.links and vm.running:
         for ifname in fault.links:
             set_link(ifname, up=True, netns=vm.netns)

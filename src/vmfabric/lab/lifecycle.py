@@ -34,6 +34,14 @@ from vmfabric.lab.names import (
 )
 from vmfabric.lab.netns import delete_link, link_exists, netns_exists, sync_addresses
 from vmfabric.lab.plumbing import make_netns, remove_netns
+from vmfabric.lab.services import (
+    SSH,
+    ensure_lab_key,
+    install_guest_proxy,
+    lab_key_path,
+    requested_services,
+    vm_access_socket,
+)
 from vmfabric.lab.state import (
     LabState,
     LabStore,
@@ -80,11 +88,13 @@ def up(hosts: int = 2, *, controller: bool = True, progress: Progress = quiet) -
 
 def build(hosts: int, progress: Progress = quiet) -> list[str]:
     """The switch, the fabric bridge, one bridge per host joined to it, a peer link between
-    every two host bridges, and `vmf-wan`."""
+    every two host bridges, and `vmf-wan`; the VMs' guest proxy, services and lab key."""
     names = lab_hosts(hosts)
+    services = requested_services()
     with LabStore().edit() as record:
         _refuse_foreign_lab(record.state)
         install_dhcp_script()
+        _prepare_services(record, services)
         progress("Starting Open vSwitch")
         ovs.start(record)
         progress(f"Creating bridge {FABRIC_BRIDGE}")
@@ -136,6 +146,8 @@ def status() -> dict[str, Any]:
         "vms": [_vm_view(state, vm) for vm in state.vms.values()],
         "networks": [net.model_dump() for net in state.networks.values()],
         "peer_links": [link.model_dump() for link in state.peer_links.values()],
+        "services": state.services,
+        "lab_key": str(lab_key_path()) if SSH in state.services else None,
         "controller": {
             "url": api_url(),
             "started_by_lab": controller is not None,
@@ -178,6 +190,17 @@ def _refuse_foreign_lab(state: LabState) -> None:
         f"{owner} exists but is not in this lab's record ({LabStore().root}); another lab is "
         "up on this machine: run `vmfabric lab down` with its VMFABRIC_STATE first"
     )
+
+
+def _prepare_services(record: Record, services: list[str] | None) -> None:
+    """Build the guest proxy, record the services asked for (kept when not asked) and make
+    the lab key when VMs run sshd."""
+    install_guest_proxy()
+    if services is not None:
+        record.state.services = services
+        record.save()
+    if SSH in record.state.services:
+        ensure_lab_key()
 
 
 def _add_host(record: Record, host: str) -> None:
@@ -303,6 +326,7 @@ def _vm_view(state: LabState, vm: VmRecord) -> dict[str, Any]:
         "defined": vm.defined,
         "running": is_running(state, vm),
         "agent_socket": str(vm_agent_socket(vm)),
+        "access_socket": str(vm_access_socket(vm)),
         "nics": [nic.model_dump() for nic in vm.nics],
         "faults": [fault.model_dump() for fault in vm.faults.values()],
         "migration": vm.migration.model_dump() if vm.migration else None,

@@ -169,6 +169,9 @@ class LabState(BaseModel):
     networks: dict[str, NetworkRecord] = Field(default_factory=dict)
     peer_links: dict[str, PeerLinkRecord] = Field(default_factory=dict)
     datapath_taps: list[str] = Field(default_factory=list)
+    services: list[str] = Field(default_factory=list)
+    """What every VM serves besides the guest proxy (`vmfabric.lab.services`), set at `up`:
+    kept here so that every process starting lab VMs (the controller) does the same."""
 
 
 def vm_key(host: str, vm: str) -> str:

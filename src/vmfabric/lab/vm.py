@@ -1,9 +1,10 @@
 """Lab VMs: a namespace per VM with veth NICs on a host bridge, qemu-ga and a DHCP client.
 
 A lab VM "runs" while its DHCP clients run: `start` launches busybox udhcpc on each NIC, which
-asks for a lease like a booting guest and applies it with `udhcpc.script`; `stop` releases the
-leases and takes the links down. The QEMU guest agent runs from `define` on, as the channel
-does for a defined libvirt domain.
+asks for a lease like a booting guest and applies it with `udhcpc.script`, and what the VM
+serves (`vmfabric.lab.services`: the access channel's guest proxy, maybe a web server and an
+sshd); `stop` ends those, releases the leases and takes the links down. The QEMU guest agent
+runs from `define` on, as the channel does for a defined libvirt domain.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vmfabric.lab.netns import (
     set_link,
 )
 from vmfabric.lab.plumbing import clear_netns, make_netns, plug, require_lab
+from vmfabric.lab.services import LONGEST_SOCKET, spawn_services, stop_services, wait_serving
 from vmfabric.lab.state import (
     FaultRecord,
     LabState,
@@ -122,20 +124,25 @@ def define_vm(record: Record, host: str, spec: VmSpec) -> VmRecord:
 
 
 def start_vm(record: Record, vm: VmRecord) -> None:
-    """Links up and a DHCP client on each NIC; NICs whose client runs are left alone."""
+    """The VM's services, links up and a DHCP client on each NIC; returns once the services
+    serve. NICs whose client runs and services that run are left alone."""
     if not dhcp_script().exists():
         install_dhcp_script()
+    starting = spawn_services(record, vm)
     for nic in vm.nics:
         set_link(nic.ifname, up=True, netns=vm.netns)
         known = record.state.processes.get(dhcp_client_name(vm, nic))
         if known is None or not proc.is_alive(known):
             _start_dhcp_client(record, vm, nic)
+    wait_serving(vm, starting)
     vm.running = True
     record.remember_vm(vm)
 
 
 def stop_vm(record: Record, vm: VmRecord) -> None:
-    """Release each lease (SIGUSR2), end the clients, drop addresses, links down."""
+    """End its services; release each lease (SIGUSR2), end the clients, drop addresses,
+    links down."""
+    stop_services(record, vm)
     for nic in vm.nics:
         name = dhcp_client_name(vm, nic)
         process = record.state.processes.get(name)
@@ -216,7 +223,7 @@ def _check_spec(state: LabState, host: str, spec: VmSpec) -> None:
             raise LabInputError(f"NIC {index} of VM {spec.name}: VLAN {nic.vlan} is not in 1-4094")
         if nic.mac is not None:
             _check_mac(nic.mac)
-    _check_socket_path(agent_socket_path(host, spec.name))
+    _check_socket_path(vm_dir(host, spec.name) / LONGEST_SOCKET)
     _refuse_moved_vm(state, host, spec.name)
 
 
@@ -242,9 +249,10 @@ def _check_mac(mac: str) -> str:
 
 
 def _check_socket_path(path: Path) -> None:
+    """The VM's longest unix socket path (the guest proxy's while it binds) must fit."""
     if len(str(path)) > MAX_SOCKET_PATH:
         raise LabInputError(
-            f"the agent socket {path} is longer than {MAX_SOCKET_PATH} bytes; "
+            f"the VM's socket {path} would be longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter VMFABRIC_STATE or VM name"
         )
 
