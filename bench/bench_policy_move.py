@@ -7,9 +7,10 @@ hosts use the noop hypervisor and the lab's switch (`LocalAgents(switch=lab_vswi
 The VM's port is an internal port marked with its MAC, on its network's VLAN, beside one
 neighbour on that VLAN. Each move plays the switch watcher as the integration tests do: a
 port for the VM appears on the destination (`MigrationEngine.port_added`: step 1 reads the
-send rules on the source, rewrites them for the new port and installs them with the receive
-rules in one bundle), the source port goes (`port_removed`: step 2 reads and saves the send
-rules, one bundle deletes them and redirects the receive rules over the peer link), then
+VM's rules on the source, saves the send rules, rewrites them for the new port and installs
+them with the receive and where rules in one bundle), the source port goes (`port_removed`:
+step 2, one bundle deletes the send rules and redirects the where rules over the peer link),
+then
 `tick` ends it. The engine's own two rule methods are timed (`_install_destination`,
 `_take_off_source`, wrapped here; the product records no step times), and each whole event
 too (with the migration record's bookkeeping). The VM moves back and forth.
@@ -70,8 +71,8 @@ from vmfabric.domain.policy import (
     PortFacts,
     compile_port,
     parse_policy,
-    receive_cookie,
     send_cookie,
+    where_cookie,
 )
 from vmfabric.lab import lifecycle
 from vmfabric.lab.ovs import switch_access
@@ -545,7 +546,7 @@ def ping_moves(redirect: bool, moves: int, watched: int, interval: float) -> dic
         web = str(addresses["web1"])
         api.post("/policies", POLICY)
         mac = api.get("/vms/web1")["nics"][0]["mac"]
-        cookie = receive_cookie(web1_id(mac, BRIDGES["hv1"]))
+        cookie = where_cookie(web1_id(mac, BRIDGES["hv1"]))
         for move in range(moves + watched):
             source, destination = ("hv1", "hv2") if move % 2 == 0 else ("hv2", "hv1")
             pingers = {peer: start_ping(peer, web, interval) for peer in per_peer}

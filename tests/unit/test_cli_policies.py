@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import vmfabric
 
 from vmfabric.cli.policies import parse_rule
 
@@ -43,14 +42,7 @@ def test_rule_texts_become_rules(text: str, rule: dict[str, str]) -> None:
 
 def policy(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
     """`vmfabric policy ARGS` against a controller that is not there."""
-    return subprocess.run(
-        [sys.executable, "-m", "vmfabric.cli.main", "policy", *args],
-        env={**os.environ, "VMFABRIC_STATE": str(state), "VMFABRIC_URL": "http://127.0.0.1:9"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return vmfabric(["policy", *args], state)
 
 
 @pytest.mark.parametrize(

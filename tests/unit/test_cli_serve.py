@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import vmfabric
 
 
 def serve(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
     """`vmfabric serve ARGS` on a state directory of its own, which must end at once."""
-    return subprocess.run(
-        [sys.executable, "-m", "vmfabric.cli.main", "serve", *args],
-        env={**os.environ, "VMFABRIC_STATE": str(state)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return vmfabric(["serve", *args], state)
 
 
 @pytest.mark.parametrize(
