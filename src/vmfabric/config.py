@@ -14,6 +14,7 @@ DEFAULT_STATE = "/var/lib/vmfabric"
 DEFAULT_ZONE = "vmfabric.test"
 DEFAULT_DNS_LISTEN = "127.0.0.1:5353"
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8751"
+DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8751"
 
 
 def state_dir() -> Path:
@@ -30,6 +31,13 @@ def dns_listen() -> str:
     """Where `serve` answers DNS unless told otherwise (`VMFABRIC_DNS_LISTEN`, HOST:PORT or
     `off`): lets a lab or a test run its controller's DNS server on a port of its own."""
     return os.environ.get("VMFABRIC_DNS_LISTEN", DEFAULT_DNS_LISTEN)
+
+
+def gateway_listen() -> str | None:
+    """Where `serve` runs the access gateway when told (`VMFABRIC_GATEWAY_LISTEN`, HOST:PORT
+    or `off`), so that a lab or a test can run its controller's gateway on a port of its own;
+    None when not told (then `DEFAULT_GATEWAY_LISTEN`, if free)."""
+    return os.environ.get("VMFABRIC_GATEWAY_LISTEN") or None
 
 
 def webhooks() -> list[str]:

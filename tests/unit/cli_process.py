@@ -14,12 +14,12 @@ input before they call the API show it by not failing on the connection."""
 
 
 def vmfabric(
-    args: list[str], state: Path, url: str = NOBODY_LISTENS
+    args: list[str], state: Path, url: str = NOBODY_LISTENS, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """`vmfabric ARGS` with `VMFABRIC_STATE` = `state` and `VMFABRIC_URL` = `url`."""
+    """`vmfabric ARGS` with `VMFABRIC_STATE` = `state`, `VMFABRIC_URL` = `url` and `env`."""
     return subprocess.run(
         [sys.executable, "-m", "vmfabric.cli.main", *args],
-        env={**os.environ, "VMFABRIC_STATE": str(state), "VMFABRIC_URL": url},
+        env={**os.environ, "VMFABRIC_STATE": str(state), "VMFABRIC_URL": url, **env},
         capture_output=True,
         text=True,
         timeout=60,

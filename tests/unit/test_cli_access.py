@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_process import vmfabric
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -97,16 +99,9 @@ def test_usage_names_the_header_and_the_query_parameter() -> None:
     assert url == "http://127.0.0.1:8751/vm/db1/5432/?access=vmfa1.a.b"
 
 
-def access(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
+def access(args: list[str], state: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`vmfabric access ARGS` against a controller that is not there."""
-    return subprocess.run(
-        [sys.executable, "-m", "vmfabric.cli.main", "access", *args],
-        env={**os.environ, "VMFABRIC_STATE": str(state), "VMFABRIC_URL": "http://127.0.0.1:9"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return vmfabric(["access", *args], state, **env)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +112,16 @@ def access(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
         (["grant", "web1", "--port", "80", "--ttl", "5x"], "error: invalid ttl '5x': expected"),
         (["grant", "web1", "--port", "80", "--ttl", "30s"], "error: invalid ttl 30s: between"),
         (["grant", "web1", "--port", "80", "--ttl", "8d"], "error: ttl '8d' is too long"),
+        (["forward", "web1", "--port", "0"], "error: invalid port 0: between 1 and 65535"),
+        (["forward", "Web_1", "--port", "22"], "error: invalid VM name 'Web_1': use 1-63"),
+        (
+            ["forward", "web1", "--port", "22", "--local-port", "70000"],
+            "error: invalid --local-port 70000: between 0 (any free port) and 65535",
+        ),
+        (
+            ["forward", "web1", "--port", "22", "--credential", "secret"],
+            "error: invalid --credential: expected vmfa1.<claims>.<signature>",
+        ),
     ],
 )
 def test_bad_options_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -158,3 +163,33 @@ def test_serve_refuses_an_access_key_file_it_cannot_use(
     assert done.stderr.startswith(message)
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "vmfabric.db").exists()
+
+
+def test_forward_refuses_a_gateway_url_it_cannot_use(tmp_path: Path) -> None:
+    done = access(
+        ["forward", "web1", "--port", "22"], tmp_path, VMFABRIC_GATEWAY_URL="https://gw:8751"
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "error: invalid VMFABRIC_GATEWAY_URL: expected http://HOST:PORT, not 'https://gw:8751'\n"
+    )
+
+
+def test_forward_exits_1_when_its_local_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = access(["forward", "web1", "--port", "22", "--local-port", str(port)], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_forward_without_a_credential_asks_the_controller_for_one(tmp_path: Path) -> None:
+    done = access(["forward", "web1", "--port", "22"], tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        "error: cannot reach the vmfabric controller at http://127.0.0.1:9"
+    )
+    assert len(done.stderr.strip().splitlines()) == 1

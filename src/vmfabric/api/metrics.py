@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from vmfabric.access.channels import STATS as GATEWAY
 from vmfabric.domain.checks import CheckResult
 from vmfabric.domain.model import VmState
 from vmfabric.services.access import use_counts
@@ -103,6 +104,48 @@ class AccessUseCollector(Collector):
 
 
 registry.register(AccessUseCollector())
+
+
+class GatewayCollector(Collector):
+    """The access gateway's channels and streams (`access.channels.STATS`, kept by the
+    gateway's loop), read at scrape time."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Gauges of what is open now, counters of streams, bytes and channel resets."""
+        yield GaugeMetricFamily(
+            "vmfabric_access_channels",
+            "Channels to guest proxies with a session established",
+            value=GATEWAY.channels_open,
+        )
+        yield GaugeMetricFamily(
+            "vmfabric_access_streams",
+            "Streams open through the gateway",
+            value=GATEWAY.streams_open,
+        )
+        yield CounterMetricFamily(
+            "vmfabric_access_streams_opened",
+            "Streams opened through the gateway (one per HTTP request or TCP tunnel)",
+            value=GATEWAY.streams_opened,
+        )
+        forwarded = CounterMetricFamily(
+            "vmfabric_access_bytes",
+            "Stream bytes forwarded by the gateway, by direction (to-vm, from-vm)",
+            labels=["direction"],
+        )
+        forwarded.add_metric(["to-vm"], GATEWAY.bytes_to_vm)
+        forwarded.add_metric(["from-vm"], GATEWAY.bytes_from_vm)
+        yield forwarded
+        resets = CounterMetricFamily(
+            "vmfabric_access_channel_resets",
+            "Channel sessions reset (all their streams with them), by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(GATEWAY.channel_resets).items()):
+            resets.add_metric([reason], count)
+        yield resets
+
+
+registry.register(GatewayCollector())
 
 
 class StateCollector(Collector):

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from pydantic import TypeAdapter
 
 from vmfabric import config
+from vmfabric.access.gateway import Gateway, GatewayThread
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
 from vmfabric.api.metrics import LEASE_EVENTS, count_migration, timed_checks
@@ -72,6 +73,8 @@ class ServeOptions:
     migrations: MigrationSettings = field(default_factory=MigrationSettings)
     access_key: bytes | None = field(default=None, repr=False)
     """The key access credentials are signed with; None: the state directory's."""
+    gateway_listen: tuple[str, int] | None = None
+    """Where the access gateway listens; None runs none."""
 
 
 def build_controller(db_url: str, lab: bool) -> Controller:
@@ -133,9 +136,9 @@ def _background(
     sender: WebhookSender,
     engine: MigrationEngine,
 ) -> Callable[[], Callable[[], None]]:
-    """The lease listener, the DNS server, the sweep of guest addresses, the periodic
-    connectivity checks and the switch watcher that drives migrations, started with the app
-    and stopped after it."""
+    """The lease listener, the DNS server, the access gateway, the sweep of guest addresses,
+    the periodic connectivity checks and the switch watcher that drives migrations, started
+    with the app and stopped after it."""
 
     def on_event(event: LeaseEvent) -> None:
         changed = record_lease_event(ctl, event)
@@ -143,6 +146,7 @@ def _background(
 
     def start() -> Callable[[], None]:
         names = _start_names(ctl, options)
+        gateway = _start_gateway(ctl, options.gateway_listen)
         listener = LeaseEventListener(config.lease_socket(), on_event)
         listener.start()
         sweeps = _every(GUEST_SWEEP_S, lambda: sweep_guest_addresses(ctl), "guest-sweep")
@@ -163,6 +167,7 @@ def _background(
             listener.close()
             if names is not None:
                 names()
+            gateway()
             flush_uses(ctl)
             ctl.close()
 
@@ -255,6 +260,26 @@ def _start_names(ctl: Controller, options: ServeOptions) -> Callable[[], None] |
         running.stop()
 
     return stop
+
+
+def _start_gateway(ctl: Controller, listen: tuple[str, int] | None) -> Callable[[], None]:
+    """Run the access gateway on `listen` (none when None); the function that stops it.
+
+    An address that cannot be bound leaves the controller running without a gateway (with
+    an error in its log): `serve` refuses an address it was given that is taken before it
+    starts, so this happens only for the default address (e.g. a second controller on the
+    machine, whose host agent's gateway the first one runs) or in a race.
+    """
+    if listen is None:
+        return lambda: None
+    running = GatewayThread(Gateway(ctl, listen))
+    try:
+        host, port = running.start()
+    except OSError as error:
+        log.error("no access gateway: cannot listen on %s:%d: %s", *listen, error.strerror or error)
+        return lambda: None
+    log.info("access gateway on http://%s:%d", host, port)
+    return running.stop
 
 
 def serve(options: ServeOptions) -> None:

@@ -139,6 +139,16 @@ def serve(
             "(off only to measure what it buys).",
         ),
     ] = True,
+    gateway_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--gateway-listen",
+            help="Address HOST:PORT of the access gateway, or 'off' (default: "
+            "$VMFABRIC_GATEWAY_LISTEN, else 127.0.0.1:8751, skipped with an error in the log "
+            "when that is taken).",
+            show_default=False,
+        ),
+    ] = None,
     access_key_file: Annotated[
         Path | None,
         typer.Option(
@@ -167,6 +177,7 @@ def serve(
         fail(f"invalid --check-interval {check_interval:g}: seconds, 0 for none", 2)
     moves = _migration_settings(migration_timeout, migration_grace, migration_redirect)
     access_key = _access_key(access_key_file) if access_key_file is not None else None
+    gateway = _gateway_address(gateway_listen or config.gateway_listen())
     if dns is not None:
         _require_free(dns)
     if cpu is not None:
@@ -191,6 +202,7 @@ def serve(
             webhook_secret=secret,
             migrations=moves,
             access_key=access_key,
+            gateway_listen=gateway,
         )
     )
 
@@ -294,6 +306,27 @@ def _require_free(address: tuple[str, int]) -> None:
             "address with --dns-listen, or --dns-listen off",
             1,
         )
+
+
+def _gateway_address(text: str | None) -> tuple[str, int] | None:
+    """The gateway's address: the one given (exit 1 in one line when it is taken), None for
+    `off`, the default when none is given."""
+    if text is None:
+        return _address("--gateway-listen", config.DEFAULT_GATEWAY_LISTEN)
+    if text == "off":
+        return None
+    address = _ip_address("--gateway-listen", text)
+    from vmfabric.access.gateway import check_free
+
+    try:
+        check_free(address)
+    except OSError as error:
+        fail(
+            f"cannot serve the access gateway on {text}: {error.strerror or error}; choose "
+            "another address with --gateway-listen, or --gateway-listen off",
+            1,
+        )
+    return address
 
 
 def _address(option: str, text: str) -> tuple[str, int]:

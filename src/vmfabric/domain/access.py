@@ -121,11 +121,19 @@ class Claims:
         return datetime.fromtimestamp(self.iat, UTC)
 
 
+def new_grant_id() -> str:
+    """A random url-safe id that does not start with `-`: operators type it after a command
+    (`access revoke ID`), where a leading `-` would read as an option."""
+    while True:
+        grant_id = secrets.token_urlsafe(ID_BYTES)
+        if not grant_id.startswith("-"):
+            return grant_id
+
+
 def new_claims(vm: str, port: int, ttl: timedelta, user: str | None, now: float) -> Claims:
     """The claims of a new grant with a fresh random id, valid `ttl` from `now`."""
     issued = int(now)
-    grant_id = secrets.token_urlsafe(ID_BYTES)
-    return Claims(grant_id, vm, port, user, issued, issued + int(ttl.total_seconds()))
+    return Claims(new_grant_id(), vm, port, user, issued, issued + int(ttl.total_seconds()))
 
 
 def sign(key: bytes, claims: Claims) -> str:

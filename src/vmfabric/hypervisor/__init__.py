@@ -45,6 +45,11 @@ class Hypervisor(Protocol):
         """Path of the unix socket of the VM's QEMU guest agent channel, if it has one."""
         ...
 
+    def access_socket(self, name: str) -> str | None:
+        """Path of the unix socket of the VM's access channel (where the host gateway reaches
+        the guest proxy, `docs/access-protocol.md`), if it has one."""
+        ...
+
     def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
         """Live-migrate the running VM to host `to_host` (whose hypervisor answers at `to_uri`,
         where the driver needs one).

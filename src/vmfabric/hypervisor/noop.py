@@ -60,6 +60,10 @@ class NoopHypervisor:
         """No guest agent."""
         return None
 
+    def access_socket(self, name: str) -> str | None:
+        """No access channel: nothing runs here."""
+        return None
+
     def migrate(self, name: str, to_host: str, to_uri: str | None) -> None:
         """Nothing runs here, so nothing moves: the move is accepted as done."""
 

@@ -68,10 +68,12 @@ from vmfabric.domain.errors import (
     Unavailable,
     VmfabricError,
 )
+from vmfabric.domain.model import VmState
 from vmfabric.services.context import Controller, transaction
+from vmfabric.services.hosts import host_ref
 from vmfabric.services.views import as_utc
 from vmfabric.store.group_commit import GroupCommitter
-from vmfabric.store.tables import AccessGrant, AccessUse, Vm, utcnow
+from vmfabric.store.tables import AccessGrant, AccessUse, Host, Vm, utcnow
 from vmfabric.store.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -351,6 +353,25 @@ def access_use(
         raise
     finally:
         record_use(ctl, Use(vm, port, client, kind, outcome, detail, grant.id, at))
+
+
+def channel_socket(ctl: Controller, vm: str) -> str | None:
+    """Where the gateway reaches the guest proxy of `vm`: the unix socket of its access
+    channel, as its host's hypervisor gives it; None when it has none (a noop host, a VM the
+    hypervisor does not know). Unknown VM 404; a VM that does not run 503. Blocks (the store,
+    the hypervisor): the gateway calls it from a worker thread, once per connection attempt,
+    so a VM that moved to another host is found there."""
+    with ctl.uow() as uow:
+        found = uow.session.execute(
+            select(Host, Vm.state).join(Vm, Vm.host_id == Host.id).where(Vm.name == vm)
+        ).first()
+        if found is None:
+            raise NotFound(f"unknown VM {vm!r}", vm=vm)
+        host, state = found
+        if state != VmState.RUNNING:
+            raise Unavailable(f"VM {vm} is {state}: its guest proxy runs only while it runs", vm=vm)
+        ref = host_ref(host)
+    return ctl.agents.hypervisor(ref).access_socket(vm)
 
 
 def record_use(ctl: Controller, use: Use) -> None:

@@ -1,0 +1,128 @@
+"""The host gateway, the first proxy (CN107273186A): the HTTP front on 127.0.0.1:8751 and the
+channels to the VMs' guest proxies, on an asyncio loop of their own.
+
+`Gateway` puts together `channels.ChannelPool` (one channel per VM, found through the store
+and the VM's host agent) and `http_front.HttpFront`; `GatewayThread` runs it beside the
+controller's API, started and stopped with the app. The routes, credentials and errors are in
+docs/access.md, the channel's protocol in docs/access-protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+import uvloop
+
+from vmfabric.access.channels import ChannelPool, Locate
+from vmfabric.access.http_front import HttpFront
+from vmfabric.access.splice import READ_SIZE
+from vmfabric.services.access import channel_socket
+from vmfabric.services.context import Controller
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+
+
+class Gateway:
+    """The HTTP front and the channel pool, on the loop that runs `start`."""
+
+    def __init__(
+        self, ctl: Controller, listen: tuple[str, int], locate: Locate | None = None
+    ) -> None:
+        """`locate` finds a VM's channel socket; by default the VM's host agent is asked,
+        from a worker thread (the store and the hypervisor block)."""
+        self.listen = listen
+        self.pool = ChannelPool(locate or (lambda vm: asyncio.to_thread(channel_socket, ctl, vm)))
+        self.front = HttpFront(ctl, self.pool)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the port chosen when `listen` asked for port 0)."""
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        """Listen (raises OSError when the address is taken)."""
+        host, port = self.listen
+        self._server = await asyncio.start_server(self.front.handle, host, port, limit=READ_SIZE)
+
+    async def stop(self) -> None:
+        """Stop listening, end the client connections, close the channels."""
+        if self._server is not None:
+            self._server.close()
+        await self.front.close()
+        await self.pool.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class GatewayThread:
+    """A `Gateway` on a uvloop loop in a daemon thread, for a process whose main loop is
+    someone else's (the API's)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
+    ) -> None:
+        self.gateway = gateway
+        self._loop_factory = loop_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        """Start the loop and the gateway on it; the address it listens on. Raises what
+        `Gateway.start` raised (OSError: the address is taken)."""
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop = self._loop_factory()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.gateway.start())
+            except BaseException as error:
+                ready.set_exception(error)
+                loop.close()
+                return
+            ready.set_result(None)
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="vmfabric-gateway", daemon=True)
+        self._thread.start()
+        ready.result()
+        return self.gateway.address
+
+    def stop(self) -> None:
+        """Stop the gateway, then its loop, and wait for the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        stopping = asyncio.run_coroutine_threadsafe(self.gateway.stop(), loop)
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            stopping.result(timeout=STOP_TIMEOUT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=STOP_TIMEOUT_S)
+        self._loop = self._thread = None
+
+
+def check_free(listen: tuple[str, int]) -> None:
+    """Raise OSError if TCP on this address cannot be bound now (for a clear message before
+    the controller opens anything; the gateway binds for itself)."""
+    host, port = listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
