@@ -54,7 +54,7 @@ from vmfabric.access.channel import (
     encode_frame,
     reason_name,
 )
-from vmfabric.access.gateway import Gateway, GatewayThread
+from vmfabric.access.gateway import Gateway, gateway_thread
 from vmfabric.access.http_front import (
     Route,
     Source,
@@ -352,8 +352,8 @@ def cloud(
     }
     for proxy in proxies.values():
         proxy.start()
-    running = GatewayThread(Gateway(controller, ("127.0.0.1", 0)))
-    host, port = running.start()
+    running = gateway_thread(Gateway(controller, ("127.0.0.1", 0)))
+    host, port = running.start().address
     try:
         yield Cloud(controller, api, f"http://{host}:{port}", ports, proxies, sockets, state)
     finally:

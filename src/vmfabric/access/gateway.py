@@ -2,7 +2,7 @@
 channels to the VMs' guest proxies, on an asyncio loop of their own.
 
 `Gateway` puts together `channels.ChannelPool` (one channel per VM, found through the store
-and the VM's host agent) and `http_front.HttpFront`; `GatewayThread` runs it beside the
+and the VM's host agent) and `http_front.HttpFront`; `gateway_thread` runs it beside the
 controller's API, started and stopped with the app. The routes, credentials and errors are in
 docs/access.md, the channel's protocol in docs/access-protocol.md.
 """
@@ -10,24 +10,19 @@ docs/access.md, the channel's protocol in docs/access-protocol.md.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import logging
 import socket
-import threading
-from collections.abc import Callable
 
 import uvloop
 
 from vmfabric.access.channels import ChannelPool, Locate
 from vmfabric.access.http_front import HttpFront
 from vmfabric.access.splice import READ_SIZE
+from vmfabric.loop_thread import LoopThread
 from vmfabric.services.access import channel_socket
 from vmfabric.services.context import Controller
 
 log = logging.getLogger(__name__)
-
-STOP_TIMEOUT_S = 10.0
 
 
 class Gateway:
@@ -65,57 +60,10 @@ class Gateway:
             await self._server.wait_closed()
 
 
-class GatewayThread:
-    """A `Gateway` on a uvloop loop in a daemon thread, for a process whose main loop is
+def gateway_thread(gateway: Gateway) -> LoopThread[Gateway]:
+    """`gateway` on a uvloop loop in a daemon thread, for a process whose main loop is
     someone else's (the API's)."""
-
-    def __init__(
-        self,
-        gateway: Gateway,
-        *,
-        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
-    ) -> None:
-        self.gateway = gateway
-        self._loop_factory = loop_factory
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> tuple[str, int]:
-        """Start the loop and the gateway on it; the address it listens on. Raises what
-        `Gateway.start` raised (OSError: the address is taken)."""
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop = self._loop_factory()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.gateway.start())
-            except BaseException as error:
-                ready.set_exception(error)
-                loop.close()
-                return
-            ready.set_result(None)
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="vmfabric-gateway", daemon=True)
-        self._thread.start()
-        ready.result()
-        return self.gateway.address
-
-    def stop(self) -> None:
-        """Stop the gateway, then its loop, and wait for the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-        stopping = asyncio.run_coroutine_threadsafe(self.gateway.stop(), loop)
-        with contextlib.suppress(concurrent.futures.TimeoutError):
-            stopping.result(timeout=STOP_TIMEOUT_S)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=STOP_TIMEOUT_S)
-        self._loop = self._thread = None
+    return LoopThread(gateway, name="vmfabric-gateway", loop_factory=uvloop.new_event_loop)
 
 
 def check_free(listen: tuple[str, int]) -> None:

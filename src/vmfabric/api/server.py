@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import TypeAdapter
 
 from vmfabric import config
-from vmfabric.access.gateway import Gateway, GatewayThread
+from vmfabric.access.gateway import Gateway, gateway_thread
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
 from vmfabric.api.metrics import LEASE_EVENTS, count_migration, timed_checks
@@ -272,9 +272,9 @@ def _start_gateway(ctl: Controller, listen: tuple[str, int] | None) -> Callable[
     """
     if listen is None:
         return lambda: None
-    running = GatewayThread(Gateway(ctl, listen))
+    running = gateway_thread(Gateway(ctl, listen))
     try:
-        host, port = running.start()
+        host, port = running.start().address
     except OSError as error:
         log.error("no access gateway: cannot listen on %s:%d: %s", *listen, error.strerror or error)
         return lambda: None

@@ -77,7 +77,6 @@ big (SRV targets are not compressed, about 41 bytes each); zone transfers carry 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import ipaddress
@@ -112,6 +111,7 @@ import dns.serial
 import dns.tsig
 
 from vmfabric.domain.dns_records import ZoneChange, ZoneContent, absolute
+from vmfabric.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -984,7 +984,7 @@ def check_free(listen: tuple[str, int]) -> None:
             probe.bind((host, port))
 
 
-class ServerThread:
+class ServerThread(LoopThread[DnsServer]):
     """A `DnsServer` on an event loop of its own, in a daemon thread.
 
     For code without an event loop of its own (tests, benchmarks, a CLI): `with
@@ -998,50 +998,7 @@ class ServerThread:
         *,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     ) -> None:
-        self.server = server
-        self._loop_factory = loop_factory
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> DnsServer:
-        """Start the loop and the server on it; raises what `DnsServer.start` raised."""
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop = self._loop_factory()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.server.start())
-            except BaseException as error:
-                ready.set_exception(error)
-                loop.close()
-                return
-            ready.set_result(None)
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="dns-server", daemon=True)
-        self._thread.start()
-        ready.result()
-        return self.server
-
-    def stop(self) -> None:
-        """Stop the server, then its loop, and wait for the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-        asyncio.run_coroutine_threadsafe(self.server.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> DnsServer:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+        super().__init__(server, name="dns-server", loop_factory=loop_factory)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
