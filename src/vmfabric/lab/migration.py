@@ -44,7 +44,7 @@ from vmfabric.lab.names import (
     vm_port,
 )
 from vmfabric.lab.netns import device_routes, global_address_details
-from vmfabric.lab.plumbing import plug, require_lab, unplug
+from vmfabric.lab.plumbing import require_lab, unplug
 from vmfabric.lab.proc import run
 from vmfabric.lab.state import (
     LabState,
@@ -54,7 +54,14 @@ from vmfabric.lab.state import (
     Record,
     VmRecord,
 )
-from vmfabric.lab.vm import agent_name, dhcp_client_name, find_vm, is_running, vm_named
+from vmfabric.lab.vm import (
+    agent_name,
+    dhcp_client_name,
+    find_vm,
+    is_running,
+    plug_nic,
+    vm_named,
+)
 
 COPY_SECONDS = 0.2
 """How long a move waits between `begin` and `switch_over`, as libvirt copies memory."""
@@ -151,16 +158,7 @@ def begin(record: Record, vm: VmRecord, to_host: str) -> None:
     record.remember_vm(vm)
     owner = f"VM {vm.name} moving from {vm.host} to {to_host}"
     for nic in vm.migration.nics:
-        plug(
-            record,
-            bridge=nic.bridge,
-            port=nic.port,
-            netns=vm.netns,
-            ifname=nic.ifname,
-            vlan=nic.vlan,
-            owner=owner,
-            mac=nic.mac,
-        )
+        plug_nic(record, vm, nic, owner)
         _announce_when_up(nic.ifname, vm.netns)
 
 

@@ -314,19 +314,25 @@ def _plan(host: str, spec: VmSpec, macs: list[str]) -> VmRecord:
     )
 
 
+def plug_nic(record: Record, vm: VmRecord, nic: NicRecord, owner: str) -> None:
+    """One of the VM's NICs as its record names it: a veth from the VM's namespace to its
+    bridge's access port (at definition, and on the destination of a migration)."""
+    plug(
+        record,
+        bridge=nic.bridge,
+        port=nic.port,
+        netns=vm.netns,
+        ifname=nic.ifname,
+        vlan=nic.vlan,
+        owner=owner,
+        mac=nic.mac,
+    )
+
+
 def _build(record: Record, vm: VmRecord) -> None:
     make_netns(record, vm.netns)
     for nic in vm.nics:
-        plug(
-            record,
-            bridge=nic.bridge,
-            port=nic.port,
-            netns=vm.netns,
-            ifname=nic.ifname,
-            vlan=nic.vlan,
-            owner=f"VM {vm.name} on {vm.host}",
-            mac=nic.mac,
-        )
+        plug_nic(record, vm, nic, f"VM {vm.name} on {vm.host}")
     start_agent(record, vm)
 
 
