@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import uvloop
 
@@ -64,13 +63,3 @@ def gateway_thread(gateway: Gateway) -> LoopThread[Gateway]:
     """`gateway` on a uvloop loop in a daemon thread, for a process whose main loop is
     someone else's (the API's)."""
     return LoopThread(gateway, name="vmfabric-gateway", loop_factory=uvloop.new_event_loop)
-
-
-def check_free(listen: tuple[str, int]) -> None:
-    """Raise OSError if TCP on this address cannot be bound now (for a clear message before
-    the controller opens anything; the gateway binds for itself)."""
-    host, port = listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))

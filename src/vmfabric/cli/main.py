@@ -179,7 +179,7 @@ def serve(
     access_key = _access_key(access_key_file) if access_key_file is not None else None
     gateway = _gateway_address(gateway_listen or config.gateway_listen())
     if dns is not None:
-        _require_free(dns)
+        _require_free("--dns-listen", dns, "DNS", udp=True)
     if cpu is not None:
         allowed = os.sched_getaffinity(0)
         if cpu not in allowed:
@@ -293,17 +293,17 @@ def _access_key(path: Path) -> bytes:
         fail(f"invalid --access-key-file: {error.detail}", 2)
 
 
-def _require_free(address: tuple[str, int]) -> None:
-    """Exit 1 in one line when the DNS address is taken, before anything is opened."""
-    from vmfabric.dns.server import check_free
+def _require_free(option: str, address: tuple[str, int], what: str, *, udp: bool) -> None:
+    """Exit 1 in one line when `address` is taken, before anything is opened."""
+    from vmfabric.listen import check_free
 
     try:
-        check_free(address)
+        check_free(address, udp=udp)
     except OSError as error:
         host, port = address
         fail(
-            f"cannot serve DNS on {host}:{port}: {error.strerror or error}; choose another "
-            "address with --dns-listen, or --dns-listen off",
+            f"cannot serve {what} on {host}:{port}: {error.strerror or error}; choose another "
+            f"address with {option}, or {option} off",
             1,
         )
 
@@ -316,16 +316,7 @@ def _gateway_address(text: str | None) -> tuple[str, int] | None:
     if text == "off":
         return None
     address = _ip_address("--gateway-listen", text)
-    from vmfabric.access.gateway import check_free
-
-    try:
-        check_free(address)
-    except OSError as error:
-        fail(
-            f"cannot serve the access gateway on {text}: {error.strerror or error}; choose "
-            "another address with --gateway-listen, or --gateway-listen off",
-            1,
-        )
+    _require_free("--gateway-listen", address, "the access gateway", udp=False)
     return address
 
 

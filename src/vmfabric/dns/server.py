@@ -970,20 +970,6 @@ class DnsServer:
         return reply
 
 
-def check_free(listen: tuple[str, int]) -> None:
-    """Raise OSError if UDP or TCP on this address and port cannot be bound now.
-
-    For a clear message before a program opens anything else; the server binds for itself.
-    """
-    host, port = listen
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(family, kind) as probe:
-            if kind == socket.SOCK_STREAM:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-
-
 class ServerThread(LoopThread[DnsServer]):
     """A `DnsServer` on an event loop of its own, in a daemon thread.
 
