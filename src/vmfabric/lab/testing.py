@@ -57,19 +57,28 @@ def state_dir_env() -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class ControllerLab:
-    """A lab with its own controller: where its API and its DNS server answer."""
+    """A lab with its own controller: where its API, its DNS server and its access gateway
+    answer."""
 
     url: str
     dns_port: int
+    gateway_url: str
 
 
 @contextmanager
 def controller_lab(hosts: int = 2, env: dict[str, str] | None = None) -> Iterator[ControllerLab]:
     """A lab whose controller (started by `lab up`, with `env` added to its environment)
-    answers its API and DNS on free ports of its own, in its own state directory; `down`
-    runs even on failure."""
-    lab = ControllerLab(f"http://127.0.0.1:{free_port()}", free_port())
-    wanted = {"VMFABRIC_URL": lab.url, "VMFABRIC_DNS_LISTEN": f"127.0.0.1:{lab.dns_port}"}
+    answers its API, DNS and access gateway on free ports of its own (never the defaults,
+    which a demo may hold), in its own state directory; `down` runs even on failure. The
+    CLI run in this process or its children talks to them."""
+    gateway = f"127.0.0.1:{free_port()}"
+    lab = ControllerLab(f"http://127.0.0.1:{free_port()}", free_port(), f"http://{gateway}")
+    wanted = {
+        "VMFABRIC_URL": lab.url,
+        "VMFABRIC_DNS_LISTEN": f"127.0.0.1:{lab.dns_port}",
+        "VMFABRIC_GATEWAY_LISTEN": gateway,
+        "VMFABRIC_GATEWAY_URL": lab.gateway_url,
+    }
     wanted |= env or {}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
