@@ -339,6 +339,28 @@ def test_verification_reads_the_store_at_most_once_a_second_and_sees_revocations
     assert refused.value.extra["reason"] == Refusal.REVOKED
 
 
+def test_the_gateway_can_do_the_checks_reads_beforehand_off_its_loop(
+    cloud: TestClient,
+    controller: Controller,
+    statements: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    issued = grant(cloud)
+    assert not access.access_checks_ready(controller)  # granting invalidated the snapshot
+    access.prepare_access_checks(controller)
+    assert access.access_checks_ready(controller)
+    statements.clear()
+    access.verify_access(controller, issued["credential"], "web1", 80)
+    assert statements == []
+
+    later = time.monotonic() + access.REFRESH_S
+    monkeypatch.setattr(access.time, "monotonic", lambda: later)
+    assert not access.access_checks_ready(controller)
+    access.prepare_access_checks(controller)
+    assert access.access_checks_ready(controller)
+    assert statements != []
+
+
 def test_uses_are_written_in_batches_without_waiting(
     cloud: TestClient, controller: Controller, statements: list[str]
 ) -> None:

@@ -34,7 +34,7 @@ from vmfabric.access.tunnel import TUNNEL_PROTOCOL
 from vmfabric.api.problems import error_problem
 from vmfabric.domain.access import PREFIX, QUERY_PARAMETER, UseKind
 from vmfabric.domain.errors import InvalidInput, NotFound, VmfabricError
-from vmfabric.services.access import access_use
+from vmfabric.services.access import access_checks_ready, access_use, prepare_access_checks
 from vmfabric.services.context import Controller
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ class ClientConnection:
         upgrade = upgrade_of(request)
         tunnel = upgrade == TUNNEL_PROTOCOL
         kind = UseKind.TCP if tunnel else UseKind.HTTP
+        if not access_checks_ready(self.ctl):
+            await asyncio.to_thread(prepare_access_checks, self.ctl)
         with access_use(
             self.ctl, token, route.vm, route.port, client=self.client, kind=kind
         ) as grant:

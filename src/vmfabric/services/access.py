@@ -16,7 +16,8 @@ benchmark), so a check does no I/O in the common case:
 - the VM names and the grants in force are read from the store into a snapshot at most once a
   second, and again at once after a grant or a revocation made in this process: a revocation
   takes effect at once here, and within `REFRESH_S` in another controller process sharing the
-  database, as do a deleted VM and its grants;
+  database, as do a deleted VM and its grants; the gateway has that read done in a worker
+  thread before the check (`prepare_access_checks`), not on its event loop;
 - uses are queued and written in batches by a timer thread `FLUSH_DELAY_S` after the first of
   a batch, through the group committer (one transaction per batch, on the connection the other
   writes use, retried when the database is busy), so a request never waits for a commit;
@@ -310,6 +311,20 @@ def verify_access(
     return Grant(claims.id, claims.vm, claims.port, claims.sub, claims.expires_at)
 
 
+def access_checks_ready(ctl: Controller) -> bool:
+    """Whether `verify_access` would do no I/O now. The gateway asks before each check and,
+    when not, has `prepare_access_checks` read in a worker thread, so that its event loop
+    (every VM's streams) never waits for the store."""
+    return _guard(ctl).ready()
+
+
+def prepare_access_checks(ctl: Controller) -> None:
+    """Load the key and read the snapshot of VMs and grants if they are due."""
+    guard = _guard(ctl)
+    _ = guard.key
+    guard.snapshot()
+
+
 @contextmanager
 def access_use(
     ctl: Controller,
@@ -537,6 +552,10 @@ class _Guard:
             if not self._fresh(found):
                 found = self._snapshot = self._load()
             return found
+
+    def ready(self) -> bool:
+        """Whether a check now needs no read: the key is loaded and the snapshot fresh."""
+        return self._key is not None and self._fresh(self._snapshot)
 
     def _fresh(self, snapshot: _Snapshot | None) -> TypeGuard[_Snapshot]:
         return (
