@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -384,6 +385,7 @@ def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
+    assert response.reason_phrase == HTTPStatus(status).phrase
     assert response.headers["content-type"] == "application/problem+json"
     document: dict[str, Any] = response.json()
     assert document["status"] == status

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 from urllib.parse import unquote
 
 import h11
@@ -208,6 +209,16 @@ def downstream_headers(
     return headers
 
 
+def informational(
+    status: HTTPStatus, headers: list[tuple[bytes, bytes]]
+) -> h11.InformationalResponse:
+    """A 1xx answer of the gateway's own, with its reason phrase (h11 sends none unless told,
+    and a status line without one puzzles people reading `curl -i`)."""
+    return h11.InformationalResponse(
+        status_code=status, headers=headers, reason=status.phrase.encode()
+    )
+
+
 def upgrade_of(request: h11.Request) -> bytes | None:
     """The protocol a request asks to switch to (`Connection: upgrade` and `Upgrade`)."""
     if b"upgrade" not in _connection_tokens(request.headers):
@@ -364,7 +375,7 @@ class ClientConnection:
             raise InvalidInput("a tunnel request must not have a body")
         await stream.accepted()
         headers = [(b"upgrade", TUNNEL_PROTOCOL), (b"connection", b"upgrade")]
-        await self._send(h11.InformationalResponse(status_code=101, headers=headers))
+        await self._send(informational(HTTPStatus.SWITCHING_PROTOCOLS, headers))
         record.status = 101
 
     async def _forward(
@@ -386,7 +397,7 @@ class ClientConnection:
             )
             await stream.accepted()
             if self.conn.they_are_waiting_for_100_continue:
-                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+                await self._send(informational(HTTPStatus.CONTINUE, []))
             body = asyncio.create_task(self._send_body(upstream, stream, record))
             if upgrade is not None:
                 await body
@@ -509,7 +520,8 @@ class ClientConnection:
     ) -> bool:
         """A whole answer from the gateway itself; whether the connection may go on."""
         record.status = status
-        await self._send(h11.Response(status_code=status, headers=list(headers)))
+        reason = HTTPStatus(status).phrase.encode()
+        await self._send(h11.Response(status_code=status, headers=list(headers), reason=reason))
         if body and record.method != "HEAD":
             record.sent += len(body)
             await self._send(h11.Data(data=body))
