@@ -8,6 +8,7 @@ file runs under the machine's own interpreter.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -80,18 +81,47 @@ def test_the_zipapp_holds_exactly_the_bundled_modules_and_nothing_foreign(bundle
                 assert source == (SOURCE_ROOT / name).read_text(), f"{name} is not the source"
 
 
-def test_the_zipapp_runs_with_the_system_python(bundle: Path) -> None:
-    system_python = shutil.which("python3", path="/usr/bin:/bin")
-    if system_python is None:
-        pytest.skip("no system python3")
+def test_the_zipapp_holds_bytecode_of_exactly_the_bundled_sources(bundle: Path) -> None:
+    with zipfile.ZipFile(bundle) as archive:
+        compiled = sorted(name for name in archive.namelist() if name.endswith(".pyc"))
+        assert compiled == sorted(name + "c" for name in BUNDLED_FILES)
+        for name in compiled:
+            pyc = archive.read(name)
+            assert pyc[:4] == importlib.util.MAGIC_NUMBER, name
+            assert int.from_bytes(pyc[4:8], "little") == 0b01, "hash-based, unchecked"
+            assert pyc[8:16] == importlib.util.source_hash(archive.read(name[:-1])), name
+
+
+def help_text(python: str, bundle: Path) -> str:
     shown = subprocess.run(
-        [system_python, "-I", "-S", str(bundle), "--help"],
+        [python, "-I", "-S", str(bundle), "--help"],
         capture_output=True,
         text=True,
         check=True,
         timeout=30,
     )
-    assert "--unix PATH" in shown.stdout and "--allow PORTS" in shown.stdout
+    return shown.stdout
+
+
+def test_the_zipapp_runs_with_the_system_python(bundle: Path) -> None:
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3")
+    shown = help_text(system_python, bundle)
+    assert "--unix PATH" in shown and "--allow PORTS" in shown
+
+
+def test_a_python_of_another_version_runs_the_sources(bundle: Path, tmp_path: Path) -> None:
+    """Bytecode with a magic number this Python does not know is skipped, as it would be by
+    a guest's Python of another version."""
+    foreign = tmp_path / "foreign-proxy"
+    with zipfile.ZipFile(bundle) as source, zipfile.ZipFile(foreign, "w") as copy:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith(".pyc"):
+                data = b"\x00\x00\r\n" + data[4:]
+            copy.writestr(item, data)
+    assert "--unix PATH" in help_text(sys.executable, foreign)
 
 
 def test_the_zipapp_is_executable_and_rejects_bad_options_with_status_2(bundle: Path) -> None:
