@@ -206,11 +206,14 @@ class EngineRig:
 
 
 class ToolClock:
-    """The time the driver spends in ovs-vsctl and ovs-ofctl runs, and how many it makes."""
+    """The time the driver spends in ovs-vsctl and ovs-ofctl runs, and how many it makes;
+    runs at once (the install's reads) each count their whole time, so a step's time in tools
+    may exceed the step's."""
 
     def __init__(self, switch: OpenVswitch) -> None:
         self.seconds = 0.0
         self.runs = 0
+        self.lock = threading.Lock()
         run = switch._run
 
         def counted(argv: list[str], stdin: str = "") -> str:
@@ -218,8 +221,9 @@ class ToolClock:
             try:
                 return run(argv, stdin)
             finally:
-                self.seconds += time.perf_counter() - started
-                self.runs += 1
+                with self.lock:
+                    self.seconds += time.perf_counter() - started
+                    self.runs += 1
 
         switch._run = counted  # type: ignore[method-assign]
 

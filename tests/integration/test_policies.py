@@ -371,6 +371,17 @@ def test_the_meter_moves_with_the_vm_and_leaves_its_old_host(
     assert switch.meters("br-hv2") == [limit]
 
 
+def test_a_stale_meter_of_the_vm_at_the_destination_goes_when_its_rules_arrive(
+    controller: Controller, switch: MemorySwitch, moving: tuple[MigrationEngine, str]
+) -> None:
+    engine, mac = moving
+    stale_id = vm_id(controller, "web1") * 100 + 1
+    switch.meter_table["br-hv2"] = {stale_id: f"meter={stale_id},kbps,bands=type=drop,rate=1"}
+    switch.plugged["br-hv2"][mac] = 9
+    engine.port_added("hv2", mac, 9)
+    assert switch.meters("br-hv2") == [meter(controller, "web1")]
+
+
 def test_a_move_rolled_back_leaves_no_meter_at_the_destination(
     controller: Controller, switch: MemorySwitch, moving: tuple[MigrationEngine, str]
 ) -> None:

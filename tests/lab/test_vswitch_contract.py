@@ -186,6 +186,26 @@ def test_a_vms_rules_and_meters_go_together_and_the_others_stay(clean: Vswitch) 
     assert len(clean.flows(BRIDGE, cookie(2), VM_RULES_MASK)) == len(two)
 
 
+def test_a_change_given_the_meters_read_before_it_adds_modifies_and_removes_alike(
+    clean: Vswitch,
+) -> None:
+    two, two_meters = limited_rules_of(2, 6, rate=500, mac="52:54:00:12:34:57")
+    install(clean, 2, two, two_meters)
+    for rate in (2000, 3000, None):
+        rules, meters = limited_rules_of(1, 5, rate=rate)
+        clean.change_flows(
+            BRIDGE,
+            [(cookie(1), VM_RULES_MASK)],
+            rules,
+            meters,
+            [vm_meters(1)],
+            current_meters=clean.meters(BRIDGE),
+        )
+        assert clean.meters(BRIDGE) == [*meters, *two_meters]
+        assert len(clean.flows(BRIDGE, cookie(1), VM_RULES_MASK)) == len(rules)
+    assert len(clean.flows(BRIDGE, cookie(2), VM_RULES_MASK)) == len(two)
+
+
 def test_a_meter_removed_takes_the_rules_that_use_it_along(clean: Vswitch) -> None:
     rules, meters = limited_rules_of(1, 5)
     install(clean, 1, rules, meters)

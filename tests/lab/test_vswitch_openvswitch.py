@@ -490,6 +490,16 @@ def test_flows_print_port_numbers(switch: OpenVswitch, macs: dict[str, str]) -> 
     ]
 
 
+def test_rules_name_ports_by_number_only(switch: OpenVswitch) -> None:
+    """ovs-ofctl runs without port names (taking them costs each run a second connection
+    to the switch): a rule naming a port is refused, and nothing changes."""
+    before = installed()
+    rule = f"cookie={SEND | 5:#x},priority=100,in_port={host_uplink('hv1')},actions=drop"
+    with pytest.raises(VswitchError):
+        switch.replace_flows(BRIDGE, SEND | 5, EXACT, [rule])
+    assert installed() == before
+
+
 def n_packets(bridge: str, cookie: int) -> list[int]:
     """The packet count of each rule carrying exactly `cookie`, as dump-flows prints them."""
     dumped = ofctl("dump-flows", bridge, f"cookie={cookie:#x}/-1")

@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -269,17 +270,21 @@ class MigrationEngine:
             move = self._reload(record_id)
             if move.destination is None:
                 return
-            rules = self._compiled(move, ofports={n.mac: 0 for n in move.nics}, send=False)
-            self._install(move.destination, move, rules)
+            ofports = {n.mac: 0 for n in move.nics}
+            self._install(move.destination, move, lambda: self._compiled(move, ofports, send=False))
 
     def _install_destination(self, move: _Move) -> None:
         """The VM's rules as the source holds them, moved to the new ports, on the destination
-        in one change: the send rules rewritten for the new ports, the receive and where rules
-        with their delivery pointed at them (and a redirected where rule back to `NORMAL`).
-        The send rules read are saved, so the take-off need not read them again; once the
-        source let go of them, the saved ones are taken. Compiled instead when the source has
-        none to give."""
+        in one change."""
         assert move.destination is not None
+        self._install(move.destination, move, lambda: self._moved_rules(move))
+
+    def _moved_rules(self, move: _Move) -> list[str]:
+        """The VM's rules as the source holds them, moved to the new ports: the send rules
+        rewritten for the new ports, the receive and where rules with their delivery pointed
+        at them (and a redirected where rule back to `NORMAL`). The send rules read are
+        saved, so the take-off need not read them again; once the source let go of them, the
+        saved ones are taken. Compiled instead when the source has none to give."""
         new_ports = {mac: int(p["new"] or 0) for mac, p in move.ports.items()}
         send, receive = self._held(move)
         if send:
@@ -296,7 +301,7 @@ class MigrationEngine:
             if receive
             else self._compiled(move, new_ports, send=False)
         )
-        self._install(move.destination, move, rules)
+        return rules
 
     def _held(self, move: _Move) -> tuple[list[str], list[str]]:
         """The VM's send rules on the source, and its other rules there (receive, where)."""
@@ -307,16 +312,29 @@ class MigrationEngine:
             (send if cookie_of(rule) == cookie else other).append(rule)
         return send, other
 
-    def _install(self, host: HostRef, move: _Move, rules: list[str]) -> None:
-        """Make `rules` the VM's only rules on `host`, with the base rules they need, in one
-        change, and the meters of its rate limits before them: the send rules copied from
-        the source name those meters by ids that are the VM's on every host."""
+    def _install(self, host: HostRef, move: _Move, rules: Callable[[], list[str]]) -> None:
+        """Make the rules `rules` gives the VM's only rules on `host`, with the base rules they
+        need, in one change, and the meters of its rate limits before them: the send rules
+        copied from the source name those meters by ids that are the VM's on every host (and
+        the VM's other meters there, stale ones, go).
+
+        The host's peer links (its base rules) and meters are read while `rules` works (for a
+        move, reading the source's rules): three tool runs at once rather than one after the
+        other, while the VM waits for the change."""
         switch = self._switch(host)
-        deletes, base = base_change(switch, host, policies=True)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            peers = pool.submit(switch.peer_ports, host.bridge)
+            present = pool.submit(switch.meters, host.bridge)
+            made = rules()
+            with self.ctl.uow() as uow:
+                meters = nic_meters(move.nics, stored_policies(uow.session))
+            deletes, base = base_change(peers.result().values())
+            current = present.result()
         deletes.append((send_cookie(move.vm_id), VM_RULES_MASK))
-        with self.ctl.uow() as uow:
-            meters = nic_meters(move.nics, stored_policies(uow.session))
-        switch.change_flows(host.bridge, deletes, base + rules, meters, [vm_meters(move.vm_id)])
+        owned = [vm_meters(move.vm_id)]
+        switch.change_flows(
+            host.bridge, deletes, base + made, meters, owned, current_meters=current
+        )
 
     def _retargeted_send(
         self, move: _Move, rules: list[str], new_ports: Mapping[str, int]

@@ -266,13 +266,13 @@ def forget_rules(ctl: Controller, host: HostRef, vm_id: int) -> None:
         log.error("policy rules of deleted VM %d left on %s: %s", vm_id, host.name, error)
 
 
-def base_change(
-    switch: Vswitch, host: HostRef, policies: bool
-) -> tuple[list[tuple[int, int]], list[str]]:
-    """The delete and the adds that put a host's base rules (the three tables, the peer links)
-    in place: while any policy exists, on every host, so a VM that moves or starts anywhere
-    finds them; none otherwise, leaving the switch's plain forwarding."""
-    adds = base_flows(switch.peer_ports(host.bridge).values()) if policies else []
+def base_change(peer_ports: Iterable[int] | None) -> tuple[list[tuple[int, int]], list[str]]:
+    """The delete and the adds that put a host's base rules (the three tables, the ports of
+    its peer links) in place: while any policy exists, on every host, so a VM that moves or
+    starts anywhere finds them; none otherwise (`peer_ports` None, not read), leaving the
+    switch's plain forwarding. The caller reads the peer links, so that a migration reads
+    them at once with the other facts its install needs."""
+    adds = [] if peer_ports is None else base_flows(peer_ports)
     return [(BASE_KIND << _COOKIE_BITS, KIND_MASK)], adds
 
 
@@ -310,7 +310,7 @@ def _apply_host(switch: Vswitch, host: HostRef, plan: _Plan) -> int:
     meter goes with its send rules); the number of rules it installs."""
     ports = switch.ports(host.bridge)
     here = [n for n in plan.nics if n.host == host.name and n.vm_id not in plan.moving]
-    deletes, adds = base_change(switch, host, bool(plan.policies))
+    deletes, adds = base_change(switch.peer_ports(host.bridge).values() if plan.policies else None)
     vm_ids = {n.vm_id for n in here}
     if plan.reconcile:
         vm_ids |= _vm_ids_with_rules(switch, host.bridge) - plan.moving

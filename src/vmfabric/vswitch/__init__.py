@@ -58,6 +58,8 @@ class Vswitch(Protocol):
         adds: Sequence[str],
         meters: Sequence[str] = (),
         meter_deletes: Sequence[range] = (),
+        *,
+        current_meters: Sequence[str] | None = None,
     ) -> None:
         """Remove the rules matching each `(cookie, mask)` of `deletes` and add `adds`, atomically;
         make `meters` the only meters whose ids are in `meter_deletes`.
@@ -69,6 +71,10 @@ class Vswitch(Protocol):
         rules use (`meter:N`) are there before the rules, and a meter removed goes only after
         the rules that used it (a switch deletes the rules of a meter it deletes); a refused
         change leaves rules and meters as they were.
+
+        `current_meters` are the bridge's meters as `meters` gave them just before, for a
+        caller that read them at once with other facts of the switch (a migration's install,
+        while the VM waits); without them the change reads them itself when it needs them.
         """
         ...
 
@@ -164,14 +170,16 @@ class MeterChange:
     @classmethod
     def of(
         cls,
-        current: Mapping[int, str],
+        present: Iterable[str],
         meters: Sequence[str],
         deletes: Sequence[range],
         adds: Sequence[str],
     ) -> MeterChange:
-        """The change from `current` (id -> text) that makes `meters` the only meters in the
-        ranges of `deletes`, with the same checks on every switch: a meter outside those
-        ranges, or a rule using a meter the bridge would not have, refuses it."""
+        """The change from the `present` meters (texts, as `Vswitch.meters` gives them) that
+        makes `meters` the only meters in the ranges of `deletes`, with the same checks on
+        every switch: a meter outside those ranges, or a rule using a meter the bridge would
+        not have, refuses it."""
+        current = {meter_id_of(meter): meter for meter in present}
         wanted = {meter_id_of(meter): meter for meter in meters}
         for meter_id, meter in wanted.items():
             if not any(meter_id in ids for ids in deletes):

@@ -56,16 +56,20 @@ class MemorySwitch:
         adds: Sequence[str],
         meters: Sequence[str] = (),
         meter_deletes: Sequence[range] = (),
+        *,
+        current_meters: Sequence[str] | None = None,
     ) -> None:
         """All or nothing, like a bundle: a rule no delete could remove again, or that uses
         a meter the bridge would not have, is refused. A meter removed takes the rules that
-        use it along, as on Open vSwitch."""
+        use it along, as on Open vSwitch. The change is worked out from `current_meters`
+        when given, as the real switch's is."""
         for flow in adds:
             cookie = cookie_of(flow)
             if not any(cookie & mask == wanted & mask for wanted, mask in deletes):
                 raise VswitchError(f"flow {flow!r} needs a cookie matching one of the deletes")
         current = self.meter_table.get(bridge, {})
-        change = MeterChange.of(current, meters, meter_deletes, adds)
+        present = current.values() if current_meters is None else current_meters
+        change = MeterChange.of(present, meters, meter_deletes, adds)
 
         def kept(rule: str) -> bool:
             deleted = any(cookie_of(rule) & mask == c & mask for c, mask in deletes)
