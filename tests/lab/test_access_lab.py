@@ -61,23 +61,15 @@ class Cloud:
 def cloud() -> Iterator[Cloud]:
     """`app` (hv1) and `other` (hv2) with their leases, serving web and ssh, then cut off
     from their network."""
-    saved = os.environ.get(services.SERVICES_ENV)
-    os.environ[services.SERVICES_ENV] = "web,ssh"
-    try:
-        with controller_lab(2) as lab:
-            api = ApiClient(lab.url)
-            api.post("/networks", {"name": "acc", "cidrs": ["10.83.0.0/24"]})
-            for name, host in (("app", "hv1"), ("other", "hv2")):
-                api.post("/vms", {"name": name, "host": host, "nics": [{"network": "acc"}]})
-            for name in ("app", "other"):
-                assert wait_for_ipv4(name), name
-                faults.inject(name, "nic-down")
-            yield Cloud(api, lab.gateway_url)
-    finally:
-        if saved is None:
-            os.environ.pop(services.SERVICES_ENV, None)
-        else:
-            os.environ[services.SERVICES_ENV] = saved
+    with controller_lab(2, {services.SERVICES_ENV: "web,ssh"}) as lab:
+        api = ApiClient(lab.url)
+        api.post("/networks", {"name": "acc", "cidrs": ["10.83.0.0/24"]})
+        for name, host in (("app", "hv1"), ("other", "hv2")):
+            api.post("/vms", {"name": name, "host": host, "nics": [{"network": "acc"}]})
+        for name in ("app", "other"):
+            assert wait_for_ipv4(name), name
+            faults.inject(name, "nic-down")
+        yield Cloud(api, lab.gateway_url)
 
 
 def vm_record(name: str) -> VmRecord:
