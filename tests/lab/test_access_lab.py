@@ -240,7 +240,8 @@ def test_guest_proxy_down_is_503_until_it_runs_again(cloud: Cloud) -> None:
 def test_access_follows_the_vm_when_it_migrates(cloud: Cloud, forward: int) -> None:
     assert ssh(forward, "echo before") == "before\n"
     cloud.api.post("/vms/app/migrate", {"to": "hv2"})
-    assert wait_until(lambda: cloud.api.get("/vms/app")["host"] == "hv2", 30, interval=0.2)
+    moved = wait_until(lambda: cloud.api.get("/vms/app")["host"] == "hv2", 30, interval=0.2)
+    assert moved, cloud.api.get("/migrations")
     credential = cloud.grant("app", 80)["credential"]
     page = curl("-f", "-H", f"Authorization: Bearer {credential}", cloud.url("app", 80))
     assert b"<p>lab VM app</p>" in page.stdout, page.stderr
