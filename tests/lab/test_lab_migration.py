@@ -27,6 +27,7 @@ from vmfabric.hypervisor.lab import LabHypervisor
 from vmfabric.lab import faults, lifecycle, migration, proc
 from vmfabric.lab.errors import LabError
 from vmfabric.lab.names import host_bridge, vm_port
+from vmfabric.lab.netns import neighbours
 from vmfabric.lab.ovs import PEER_VLAN, OvsPaths, add_flows, switch_access
 from vmfabric.lab.state import LabStore, VmRecord
 from vmfabric.lab.testing import (
@@ -256,6 +257,7 @@ def test_a_vm_moves_with_its_address_traffic_and_processes(lab: Path) -> None:
     server = serve_page("app", lab)
     monitor = start_in_vm("app", "ip", "-ts", "monitor", "link")
     pinger = start_in_vm(PEER_VM, "ping", "-q", "-i", "0.01", "-w", "3", APP)
+    assert pings("app", GATEWAY)  # the gateway is a neighbour the VM does not talk to next
     time.sleep(0.5)
 
     with LabStore().edit() as record:
@@ -266,8 +268,10 @@ def test_a_vm_moves_with_its_address_traffic_and_processes(lab: Path) -> None:
         incoming = json.loads(in_vm("app", "ip", "-j", "link", "show", "dev", "vmf-in0").stdout)
         assert (incoming[0]["address"], incoming[0]["operstate"]) == (mac, "DOWN")
         assert pings(PEER_VM, APP)  # still through the source port
+        known = set(neighbours("eth0", app.netns))
         migration.switch_over(record, vm)
 
+    assert known and known <= set(neighbours("eth0", app.netns)), "the VM keeps its neighbours"
     assert ports_with_mac("vmf-hv1", mac) == set()
     assert ports_with_mac("vmf-hv2", mac) == {vm_port("hv2", "app", 0)}
     assert_announced_from_hv2(mac)

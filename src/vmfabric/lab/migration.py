@@ -13,8 +13,11 @@ in libvirt's order, so that whoever watches the switches sees what a real migrat
    source port vanishes), and the source ports leave the source bridge's database. The new
    ends carry `arp_notify` and `ndisc_notify`, so the VM's kernel announces its addresses
    (gratuitous ARP, unsolicited neighbour advertisement) the moment a NIC comes up, as QEMU
-   announces a migrated guest. The old NIC goes and the new one carries its addresses about
-   1.5 ms apart.
+   announces a migrated guest. The new NIC also gets the old one's neighbour entries (as
+   `STALE`, so the kernel confirms them by unicast): a guest moved by QEMU keeps its
+   neighbour table, and one emptied would have to ask for every peer again, where a lost
+   answer costs a second (the kernel's retransmit time). The old NIC goes and the new one
+   carries its addresses about 1.5 ms apart.
 
 `abort` instead removes the destination ports: the VM stays as it was on the source.
 
@@ -43,7 +46,7 @@ from vmfabric.lab.names import (
     vm_ifname,
     vm_port,
 )
-from vmfabric.lab.netns import device_routes, global_address_details
+from vmfabric.lab.netns import device_routes, global_address_details, neighbours
 from vmfabric.lab.plumbing import require_lab, unplug
 from vmfabric.lab.proc import run
 from vmfabric.lab.state import (
@@ -232,8 +235,8 @@ def _switch_commands(netns: str, index: int, incoming: str, *, up: bool) -> str:
 
     The old interface goes down and gives up its addresses and its name; the new one takes
     them and comes up (addresses first: the kernel announces what it has when it comes up)
-    with the old one's routes. Deleting the old veth, which takes the kernel tens of
-    milliseconds, comes last, once the new interface carries the traffic.
+    with the old one's routes and neighbour entries. Deleting the old veth, which takes the
+    kernel tens of milliseconds, comes last, once the new interface carries the traffic.
     """
     ifname, outgoing = vm_ifname(index), outgoing_ifname(index)
     addresses = [_address_command(info, ifname) for info in global_address_details(ifname, netns)]
@@ -243,13 +246,17 @@ def _switch_commands(netns: str, index: int, incoming: str, *, up: bool) -> str:
         for route in device_routes(ifname, netns, version)
         if route.get("protocol") != "kernel" and route.get("type", "unicast") == "unicast"
     ]
+    known = [
+        f"neigh replace {address} lladdr {mac} dev {ifname} nud stale"
+        for address, mac in neighbours(ifname, netns)
+    ]
     lines = [
         f"link set dev {ifname} down",
         f"address flush dev {ifname} scope global",
         f"link set dev {ifname} name {outgoing}",
         f"link set dev {incoming} name {ifname}",
         *addresses,
-        *([f"link set dev {ifname} up", *routes] if up else []),
+        *([f"link set dev {ifname} up", *routes, *known] if up else []),
         f"link delete dev {outgoing}",
     ]
     return "".join(f"{line}\n" for line in lines)

@@ -140,6 +140,19 @@ def device_routes(ifname: str, netns: str, version: int) -> list[dict[str, Any]]
     return routes
 
 
+def neighbours(ifname: str, netns: str) -> list[tuple[str, str]]:
+    """The interface's resolved neighbours, IPv4 and IPv6, as (address, MAC): what the
+    kernel holds for it (`ip -j neigh`), without entries it could not resolve."""
+    shown = run(_ip(netns, "-j", "neigh", "show", "dev", ifname)).stdout
+    entries: list[dict[str, Any]] = json.loads(shown or "[]")
+    unresolved = {"FAILED", "INCOMPLETE"}
+    return [
+        (str(entry["dst"]), str(entry["lladdr"]))
+        for entry in entries
+        if "lladdr" in entry and not unresolved & set(entry.get("state", []))
+    ]
+
+
 def sync_addresses(ifname: str, netns: str, wanted: set[str]) -> None:
     """Make the interface's global addresses exactly `wanted` (`address/prefix` strings)."""
     wanted = {str(ipaddress.ip_interface(cidr)) for cidr in wanted}
