@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from vmfabric.access.bundle import build_guest_proxy
 from vmfabric.agent.registry import LocalAgents
 from vmfabric.api.app import create_app
 from vmfabric.dhcp.dnsmasq import DnsmasqServer
@@ -51,3 +52,9 @@ def api(controller: Controller) -> Iterator[TestClient]:
     """The HTTP API over the test's controller."""
     with TestClient(create_app(controller)) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guest proxy's single file, built once per module."""
+    return build_guest_proxy(tmp_path_factory.mktemp("dist") / "vmfabric-guest-proxy")

@@ -16,7 +16,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -41,9 +40,9 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from processes import ProxyProcess, forked, proxy_command
 from prometheus_client.parser import text_string_to_metric_families
 
-from vmfabric.access.bundle import build_guest_proxy
 from vmfabric.access.channel import (
     MAX_FRAME_LIMIT,
     FrameDecoder,
@@ -267,49 +266,9 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def ports(big_file: tuple[Path, str]) -> Iterator[Ports]:
-    parent, child = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(
-        target=_serve, args=(child, str(big_file[0])), daemon=True
-    )
-    process.start()
-    try:
-        assert parent.poll(10), "the servers in the VM did not start"
-        yield parent.recv()
-    finally:
-        process.kill()
-        process.join()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest_proxy(tmp_path_factory.mktemp("dist") / "vmfabric-guest-proxy")
-
-
-class GuestProxy:
-    """The zipapp listening on `path`, as in a lab VM; restartable."""
-
-    def __init__(self, bundle: Path, path: Path, allow: str, log: Path) -> None:
-        self.command = [sys.executable, "-I", "-S", str(bundle), "--unix", str(path)]
-        self.command += ["--allow", allow]
-        self.path = path
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.command, stderr=log)
-        deadline = time.monotonic() + 10
-        while not self.path.exists():
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "the guest proxy did not listen"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+    with forked(_serve, str(big_file[0])) as conn:
+        assert conn.poll(10), "the servers in the VM did not start"
+        yield conn.recv()
 
 
 class Cloud(NamedTuple):
@@ -319,7 +278,7 @@ class Cloud(NamedTuple):
     api: TestClient
     url: str
     ports: Ports
-    proxies: dict[str, GuestProxy]
+    proxies: dict[str, ProxyProcess]
     sockets: dict[str, str]
     state: Path
 
@@ -348,7 +307,11 @@ def cloud(
     assert isinstance(driver, NoopHypervisor)
     monkeypatch.setattr(driver, "access_socket", sockets.get)
     proxies = {
-        vm: GuestProxy(bundle, Path(sockets[vm]), allow, state / f"{vm}.proxy.log")
+        vm: ProxyProcess(
+            proxy_command(sys.executable, bundle, "--unix", sockets[vm], "--allow", allow),
+            Path(sockets[vm]),
+            state / f"{vm}.proxy.log",
+        )
         for vm in ("web1", "web2")
     }
     for proxy in proxies.values():
@@ -361,8 +324,8 @@ def cloud(
         running.stop()
         access.flush_uses(controller)
         for proxy in proxies.values():
-            if proxy.process and proxy.process.poll() is None:
-                proxy.kill()
+            if proxy.running:
+                proxy.stop(signal.SIGKILL)
 
 
 def curl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -823,7 +786,7 @@ def test_the_channel_comes_back_when_the_guest_proxy_restarts(cloud: Cloud) -> N
     credential = cloud.grant()
     page = f"/vm/web1/{cloud.ports.http}/"
     assert get(cloud, page, credential).status_code == 200
-    cloud.proxies["web1"].kill()
+    cloud.proxies["web1"].stop(signal.SIGKILL)
     started = time.monotonic()
     down = problem(get(cloud, page, credential), 503)
     assert down["detail"].startswith("the guest proxy of VM web1 does not answer: ")
@@ -903,17 +866,9 @@ def _play_hostile(conn: Connection, sockets: dict[str, str]) -> None:
 @pytest.fixture
 def hostile(cloud: Cloud) -> Iterator[Connection]:
     """The hostile guests; what they report (the resets the greedy one got)."""
-    parent, child = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(
-        target=_play_hostile, args=(child, cloud.sockets), daemon=True
-    )
-    process.start()
-    try:
-        assert parent.poll(10) and parent.recv() == "ready"
-        yield parent
-    finally:
-        process.kill()
-        process.join()
+    with forked(_play_hostile, cloud.sockets) as conn:
+        assert conn.poll(10) and conn.recv() == "ready"
+        yield conn
 
 
 def metrics(cloud: Cloud) -> dict[tuple[str, tuple[str, ...]], float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import shutil
 import signal
@@ -29,8 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from processes import ProxyProcess, forked, proxy_command
 
-from vmfabric.access.bundle import build_guest_proxy
 from vmfabric.access.channel import (
     HEADER,
     Frame,
@@ -165,20 +164,9 @@ def _serve(conn: Connection) -> None:
 
 @pytest.fixture(scope="module")
 def ports() -> Iterator[Ports]:
-    parent, child = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(target=_serve, args=(child,), daemon=True)
-    process.start()
-    try:
-        assert parent.poll(10), "the test servers did not start"
-        yield Ports(**parent.recv())
-    finally:
-        process.kill()
-        process.join()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest_proxy(tmp_path_factory.mktemp("dist") / "vmfabric-guest-proxy")
+    with forked(_serve) as conn:
+        assert conn.poll(10), "the test servers did not start"
+        yield Ports(**conn.recv())
 
 
 @pytest.fixture
@@ -190,47 +178,11 @@ def spare() -> Iterator[socket.socket]:
         yield listener
 
 
-class ProxyProcess:
-    """The zipapp as a child process, listening on `path`; restartable."""
-
-    def __init__(self, command: list[str], path: Path, log: Path) -> None:
-        self.command = command
-        self.path = path
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.command, stderr=log)
-        deadline = time.monotonic() + 10
-        while not self.path.exists():
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "the guest proxy did not listen"
-            time.sleep(0.02)
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return self.process.wait(10)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-
 def _allowed(ports: Ports, spare: socket.socket) -> str:
     """Every test server's port but the forbidden one, and the spare one."""
     allowed = [*ports._asdict().values(), spare.getsockname()[1]]
     allowed.remove(ports.forbidden)
     return ",".join(map(str, allowed))
-
-
-def _proxy_command(interpreter: str, bundle: Path, *options: str) -> list[str]:
-    """The bundle run without site-packages, so that only the standard library is there."""
-    return [interpreter, "-I", "-S", str(bundle), *options]
 
 
 @pytest.fixture
@@ -244,7 +196,7 @@ def proxy_factory(
     ) -> ProxyProcess:
         path = tmp_path / f"access-{len(started)}.sock"
         allowing = ("--allow", allow) if allow else ()
-        command = _proxy_command(interpreter, bundle, "--unix", str(path), *allowing, *extra)
+        command = proxy_command(interpreter, bundle, "--unix", str(path), *allowing, *extra)
         proxy = ProxyProcess(command, path, tmp_path / "proxy.log")
         proxy.start()
         started.append(proxy)
@@ -655,9 +607,7 @@ async def test_device_mode_over_a_character_device(
     master, slave = os.openpty()
     tty.setraw(slave)
     device = os.ttyname(slave)
-    command = _proxy_command(
-        sys.executable, bundle, "--device", device, "--allow", str(ports.upper)
-    )
+    command = proxy_command(sys.executable, bundle, "--device", device, "--allow", str(ports.upper))
     log = tmp_path / "proxy.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(command, stderr=stderr)

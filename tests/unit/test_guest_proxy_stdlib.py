@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import vmfabric
-from vmfabric.access.bundle import BUNDLED_FILES, INTERPRETER, build_guest_proxy
+from vmfabric.access.bundle import BUNDLED_FILES, INTERPRETER
 
 SOURCE_ROOT = Path(vmfabric.__file__).parent.parent
 BUNDLED_MODULES = {
@@ -44,11 +44,6 @@ def foreign_imports(source: str) -> set[str]:
         for module in imported_modules(source)
         if module.split(".")[0] not in sys.stdlib_module_names and module not in BUNDLED_MODULES
     }
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest_proxy(tmp_path_factory.mktemp("dist") / "vmfabric-guest-proxy")
 
 
 def test_the_check_itself_catches_a_third_party_import() -> None:
