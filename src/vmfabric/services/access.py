@@ -73,6 +73,7 @@ from vmfabric.domain.model import VmState
 from vmfabric.services.context import Controller, transaction
 from vmfabric.services.hosts import host_ref
 from vmfabric.services.views import as_utc
+from vmfabric.store import repository
 from vmfabric.store.group_commit import GroupCommitter
 from vmfabric.store.tables import AccessGrant, AccessUse, Host, Vm, utcnow
 from vmfabric.store.unit_of_work import UnitOfWork
@@ -188,9 +189,7 @@ def grant_access(
 
     def store() -> IssuedGrant:
         with ctl.uow() as uow:
-            vm_id = uow.session.scalar(select(Vm.id).where(Vm.name == vm))
-            if vm_id is None:
-                raise NotFound(f"unknown VM {vm!r}", vm=vm)
+            vm_id = repository.get_vm_id(uow.session, vm)
             claims = new_claims(vm, port, valid_for, user, time.time())
             row = AccessGrant(
                 id=claims.id,
@@ -222,8 +221,7 @@ def list_grants(
         session = uow.session
         query = select(AccessGrant).order_by(AccessGrant.created_at.desc(), AccessGrant.id)
         if vm is not None:
-            if session.scalar(select(Vm.id).where(Vm.name == vm)) is None:
-                raise NotFound(f"unknown VM {vm!r}", vm=vm)
+            repository.get_vm_id(session, vm)
             query = query.where(AccessGrant.vm == vm)
         if not include_expired:
             query = query.where(AccessGrant.revoked_at.is_(None), AccessGrant.expires_at > utcnow())
@@ -292,7 +290,7 @@ def verify_access(
     guard = _guard(ctl)
     known = guard.snapshot()
     if vm not in known.vms:
-        raise NotFound(f"unknown VM {vm!r}", vm=vm)
+        raise repository.unknown_vm(vm)
     claims = verify(guard.key, token, time.time() if now is None else now)
     if claims.id in known.revoked:
         raise Unauthorized(
@@ -381,7 +379,7 @@ def channel_socket(ctl: Controller, vm: str) -> str | None:
             select(Host, Vm.state).join(Vm, Vm.host_id == Host.id).where(Vm.name == vm)
         ).first()
         if found is None:
-            raise NotFound(f"unknown VM {vm!r}", vm=vm)
+            raise repository.unknown_vm(vm)
         host, state = found
         if state != VmState.RUNNING:
             raise Unavailable(f"VM {vm} is {state}: its guest proxy runs only while it runs", vm=vm)

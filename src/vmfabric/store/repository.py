@@ -250,8 +250,21 @@ def get_vm(session: Session, name: str) -> Vm:
     """The VM called `name` with its NICs and addresses."""
     vm = find_vm(session, name)
     if vm is None:
-        raise NotFound(f"unknown VM {name!r}", vm=name)
+        raise unknown_vm(name)
     return vm
+
+
+def get_vm_id(session: Session, name: str) -> int:
+    """The id of the VM called `name`, for a caller that needs no more of it."""
+    vm_id = session.scalar(select(Vm.id).where(Vm.name == name))
+    if vm_id is None:
+        raise unknown_vm(name)
+    return vm_id
+
+
+def unknown_vm(name: str) -> NotFound:
+    """The one answer to a request naming a VM that does not exist."""
+    return NotFound(f"unknown VM {name!r}", vm=name)
 
 
 def list_vms(session: Session, names: Collection[str] | None = None) -> Sequence[Vm]:
