@@ -30,6 +30,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+PortOption = Annotated[int, typer.Option("--port", help="The port of the server in the VM.")]
+"""`--port` of `grant` and `forward`."""
+
 _GRANT_COLUMNS = ["ID", "VM", "PORT", "USER", "STATE", "EXPIRES", "USES", "LAST USED"]
 
 
@@ -120,7 +123,7 @@ def _revoked(grant: dict[str, Any]) -> None:
 @app.command("grant")
 def grant(
     vm: str,
-    port: Annotated[int, typer.Option("--port", help="The port of the server in the VM.")],
+    port: PortOption,
     ttl: Annotated[
         str, typer.Option("--ttl", help="How long the credential is valid: 30s, 15m, 2h, 1d.")
     ] = DEFAULT_TTL,
@@ -170,7 +173,7 @@ def revoke(
 @app.command("forward")
 def forward(
     vm: str,
-    port: Annotated[int, typer.Option("--port", help="The port of the server in the VM.")],
+    port: PortOption,
     local_port: Annotated[
         int,
         typer.Option("--local-port", help="Port to listen on at 127.0.0.1; 0: a free one."),
