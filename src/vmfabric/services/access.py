@@ -225,9 +225,7 @@ def list_grants(
             query = query.where(AccessGrant.vm == vm)
         if not include_expired:
             query = query.where(AccessGrant.revoked_at.is_(None), AccessGrant.expires_at > utcnow())
-        rows = list(session.scalars(query))
-        counts = _use_counts(session, [row.id for row in rows])
-        return [_view(row, *counts.get(row.id, (0, None))) for row in rows]
+        return _views(session, list(session.scalars(query)))
 
 
 def show_grant(ctl: Controller, grant_id: str) -> GrantDetail:
@@ -235,8 +233,7 @@ def show_grant(ctl: Controller, grant_id: str) -> GrantDetail:
     _guard(ctl).uses.flush()
     with ctl.uow() as uow:
         session = uow.session
-        row = _grant_row(session, grant_id)
-        count, last = _use_counts(session, [grant_id]).get(grant_id, (0, None))
+        [view] = _views(session, [_grant_row(session, grant_id)])
         uses = session.scalars(
             select(AccessUse)
             .where(AccessUse.grant_id == grant_id)
@@ -244,7 +241,7 @@ def show_grant(ctl: Controller, grant_id: str) -> GrantDetail:
             .limit(LATEST_USES)
         )
         latest = [_use_view(use) for use in uses]
-        return GrantDetail(**vars(_view(row, count, last)), latest_uses=latest)
+        return GrantDetail(**vars(view), latest_uses=latest)
 
 
 def revoke_grant(ctl: Controller, grant_id: str, by: str = "api") -> GrantView:
@@ -266,9 +263,9 @@ def revoke_grant(ctl: Controller, grant_id: str, by: str = "api") -> GrantView:
                 )
             row.revoked_at = utcnow()
             row.revoked_by = by
-            count, last = _use_counts(session, [grant_id]).get(grant_id, (0, None))
+            [view] = _views(session, [row])
             uow.commit()
-            return _view(row, count, last)
+            return view
 
     revoked = transaction(store)
     _guard(ctl).invalidate()
@@ -658,21 +655,20 @@ def _grant_row(session: Session, grant_id: str) -> AccessGrant:
     return row
 
 
-def _use_counts(
-    session: Session, grant_ids: Sequence[str]
-) -> dict[str, tuple[int, datetime | None]]:
-    """Uses of these grants: how many, and the time of the last."""
-    if not grant_ids:
-        return {}
-    rows = session.execute(
+def _views(session: Session, rows: Sequence[AccessGrant]) -> list[GrantView]:
+    """The grants as shown, each with how often it was used and when last (one query)."""
+    if not rows:
+        return []
+    counted = session.execute(
         select(AccessUse.grant_id, func.count(), func.max(AccessUse.at))
-        .where(AccessUse.grant_id.in_(grant_ids))
+        .where(AccessUse.grant_id.in_([row.id for row in rows]))
         .group_by(AccessUse.grant_id)
     )
-    return {
+    uses = {
         str(grant_id): (int(count), None if last is None else as_utc(last))
-        for grant_id, count, last in rows
+        for grant_id, count, last in counted
     }
+    return [_view(row, *uses.get(row.id, (0, None))) for row in rows]
 
 
 def _view(row: AccessGrant, uses: int, last_used_at: datetime | None) -> GrantView:
